@@ -1,0 +1,27 @@
+//! FHIR R4 JSON for Chartline: parsing with limits, structural validation (our own checks
+//! plus a round trip through `fhir-sdk`'s typed R4B models), reference walking and the
+//! extraction of flat patient events. Nothing here does IO.
+//!
+//! Everything takes `serde_json::Value`: the bytes a client sent are parsed once, at the
+//! edge, and every later step works on that tree.
+
+mod error;
+mod events;
+mod hash;
+mod json;
+mod reference;
+mod resource_types;
+mod typed;
+mod validate;
+
+pub use error::{FhirError, Issue, IssueCode, Severity};
+pub use events::{PatientEvent, extract_events, patient_of};
+pub use hash::content_sha256;
+pub use json::{Limits, check_depth, parse_json};
+pub use reference::{Reference, for_each_reference, for_each_reference_mut, parse_reference};
+pub use resource_types::{R4_RESOURCE_TYPES, is_resource_type};
+pub use typed::{TypedCheck, typed_check};
+pub use validate::{is_valid_id, validate_resource};
+
+/// The FHIR version Chartline speaks on the wire.
+pub const FHIR_VERSION: &str = "4.0.1";

@@ -1,0 +1,296 @@
+//! `transaction` and `batch` Bundles (FHIR R4 http.html#transaction).
+
+use std::collections::HashMap;
+
+use chartline_fhir::{FhirError, IssueCode, parse_json, validate_resource};
+use chartline_store::IngestRecord;
+use serde_json::{Value, json};
+
+use crate::prepare::{Entry, EntryResult, Method, Policy, apply};
+use crate::{Counts, IngestError, Ingestor, Source, payload_sha256};
+
+/// The response to a Bundle: a `transaction-response` or `batch-response` Bundle.
+#[derive(Debug, Clone)]
+pub struct BundleResponse {
+    /// The response Bundle.
+    pub bundle: Value,
+    /// What was done.
+    pub counts: Counts,
+}
+
+const RETRIES: usize = 3;
+
+impl Ingestor {
+    /// Ingests a `transaction` (all or nothing) or `batch` (entry by entry) Bundle.
+    #[tracing::instrument(skip_all, fields(channel = source.channel, bytes = bytes.len()))]
+    pub async fn ingest_bundle(&self, bytes: &[u8], source: &Source) -> Result<BundleResponse, IngestError> {
+        let record = IngestRecord {
+            sender: source.sender.clone(),
+            channel: source.channel.to_owned(),
+            kind: "bundle".to_owned(),
+            payload_bytes: bytes.len() as i64,
+            payload_sha256: payload_sha256(bytes),
+            rejected: 0,
+        };
+        let result = self.ingest_bundle_inner(bytes, source, record.clone()).await;
+        if let Err(e) = &result {
+            let oo = e.to_operation_outcome();
+            if let Err(log_err) = self.store.log_rejection(&record, &oo).await {
+                tracing::error!(error = %log_err, "could not log a rejected ingest");
+            }
+            tracing::info!(code = ?e.to_operation_outcome()["issue"][0]["code"], "bundle rejected");
+        }
+        result.map_err(IngestError::logged)
+    }
+
+    async fn ingest_bundle_inner(&self, bytes: &[u8], source: &Source, mut record: IngestRecord) -> Result<BundleResponse, IngestError> {
+        let bundle = parse_json(bytes, &self.limits)?;
+        let ty = validate_resource(&bundle, &self.limits)?;
+        if ty != "Bundle" {
+            return Err(FhirError::at(IssueCode::Invalid, "resourceType", "expected a Bundle").into());
+        }
+        let kind = bundle.get("type").and_then(Value::as_str).unwrap_or("");
+        match kind {
+            "transaction" => {
+                record.kind = "transaction".into();
+                let mut attempt = 0;
+                let mut bundle = Some(bundle);
+                loop {
+                    let b = match bundle.take() {
+                        Some(b) => b,
+                        None => parse_json(bytes, &self.limits)?,
+                    };
+                    let entries = parse_entries(&b, true)?.into_iter().collect::<Result<Vec<_>, _>>()?;
+                    match self.transaction(entries, &record).await {
+                        Err(IngestError::Store(e)) if e.is_retryable() && attempt + 1 < RETRIES => {
+                            attempt += 1;
+                            tracing::warn!(attempt, "transaction conflicted with a concurrent one; retrying");
+                        }
+                        other => return other,
+                    }
+                }
+            }
+            "batch" => {
+                record.kind = "batch".into();
+                let entries = parse_entries(&bundle, false)?;
+                self.batch(entries, &record).await
+            }
+            _ => {
+                let _ = source;
+                Err(FhirError::at(
+                    IssueCode::NotSupported,
+                    "Bundle.type",
+                    "only transaction and batch Bundles can be posted; use $import for other collections",
+                )
+                .into())
+            }
+        }
+    }
+
+    async fn transaction(&self, entries: Vec<Entry>, record: &IngestRecord) -> Result<BundleResponse, IngestError> {
+        let mut tx = self.store.begin().await?;
+        let ingest_id = tx.log_ingest(record).await?;
+        let mut known = HashMap::new();
+        let results = apply(&mut tx, entries, &mut known, &Policy { literal_refs_must_exist: true }, Some(ingest_id)).await?;
+        let mut counts = Counts::default();
+        let writes: Vec<chartline_store::WriteResult> = results
+            .iter()
+            .filter_map(|r| {
+                r.outcome.map(|o| chartline_store::WriteResult {
+                    resource_type: r.resource_type.clone(),
+                    id: r.id.clone(),
+                    version_id: r.version_id,
+                    last_updated: r.last_updated.unwrap_or_default(),
+                    outcome: o,
+                })
+            })
+            .collect();
+        for r in &results {
+            if let Some(o) = r.outcome {
+                counts.record(o);
+            }
+        }
+        tx.finish_ingest(ingest_id, &writes, 0, None).await?;
+        tx.commit().await?;
+        let mut sorted = results;
+        sorted.sort_by_key(|r| r.index);
+        let entries: Vec<Value> = sorted.iter().map(response_entry).collect();
+        tracing::info!(created = counts.created, updated = counts.updated, unchanged = counts.unchanged, "transaction stored");
+        Ok(BundleResponse {
+            bundle: json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries}),
+            counts,
+        })
+    }
+
+    async fn batch(&self, entries: Vec<Result<Entry, FhirError>>, record: &IngestRecord) -> Result<BundleResponse, IngestError> {
+        let ingest_id = self.store.open_ingest(record).await?;
+        let mut known = HashMap::new();
+        let mut counts = Counts::default();
+        let mut out = Vec::with_capacity(entries.len());
+        let mut issues = Vec::new();
+        for entry in entries {
+            let result = match entry {
+                Ok(e) => self.batch_entry(e, &mut known, ingest_id).await,
+                Err(f) => Err(IngestError::Invalid(f)),
+            };
+            match result {
+                Ok(results) => {
+                    for r in &results {
+                        if let Some(o) = r.outcome {
+                            counts.record(o);
+                        }
+                        out.push(response_entry(r));
+                    }
+                }
+                Err(e) => {
+                    let e = e.logged();
+                    counts.rejected += 1;
+                    let oo = e.to_operation_outcome();
+                    issues.extend(oo["issue"].as_array().cloned().unwrap_or_default());
+                    out.push(json!({"response": {"status": status_line(e.http_status()), "outcome": oo}}));
+                }
+            }
+        }
+        let issues = (!issues.is_empty()).then(|| json!({"resourceType": "OperationOutcome", "issue": issues}));
+        self.store.close_ingest(ingest_id, counts.as_i32(), issues.as_ref()).await?;
+        tracing::info!(created = counts.created, updated = counts.updated, unchanged = counts.unchanged, rejected = counts.rejected, "batch processed");
+        Ok(BundleResponse { bundle: json!({"resourceType": "Bundle", "type": "batch-response", "entry": out}), counts })
+    }
+
+    async fn batch_entry(
+        &self,
+        e: Entry,
+        known: &mut HashMap<String, (String, String)>,
+        ingest_id: i64,
+    ) -> Result<Vec<EntryResult>, IngestError> {
+        let mut attempt = 0;
+        loop {
+            let mut tx = self.store.begin().await?;
+            let mut local = known.clone();
+            match apply(&mut tx, vec![e.clone()], &mut local, &Policy { literal_refs_must_exist: false }, Some(ingest_id)).await {
+                Ok(r) => {
+                    tx.commit().await?;
+                    *known = local;
+                    return Ok(r);
+                }
+                Err(IngestError::Store(s)) if s.is_retryable() && attempt + 1 < RETRIES => attempt += 1,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+/// Reads the entries' requests. For a transaction the first bad entry fails the whole
+/// Bundle; for a batch each bad entry fails alone.
+fn parse_entries(bundle: &Value, transaction: bool) -> Result<Vec<Result<Entry, FhirError>>, FhirError> {
+    let Some(entries) = bundle.get("entry").and_then(Value::as_array) else { return Ok(Vec::new()) };
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        let entry = parse_entry(i, e);
+        if transaction {
+            out.push(Ok(entry?));
+        } else {
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
+
+fn parse_entry(i: usize, e: &Value) -> Result<Entry, FhirError> {
+    let location = format!("Bundle.entry[{i}]");
+    let request = e
+        .get("request")
+        .ok_or_else(|| FhirError::at(IssueCode::Required, format!("{location}.request"), "entry.request is required in a transaction or batch"))?;
+    let method = request.get("method").and_then(Value::as_str).unwrap_or("");
+    let url = request.get("url").and_then(Value::as_str).unwrap_or("");
+    if url.is_empty() {
+        return Err(FhirError::at(IssueCode::Required, format!("{location}.request.url"), "entry.request.url is required"));
+    }
+    let resource = e.get("resource").cloned();
+    let rtype_of_resource = resource.as_ref().and_then(|r| r.get("resourceType")).and_then(Value::as_str).map(str::to_owned);
+    let path = url.split('?').next().unwrap_or("").trim_matches('/');
+    let query = url.split_once('?').map(|(_, q)| q.to_owned());
+    let mut segments = path.split('/');
+    let url_type = segments.next().unwrap_or("").to_owned();
+    let url_id = segments.next().map(str::to_owned);
+    if !chartline_fhir::is_resource_type(&url_type) {
+        return Err(FhirError::at(IssueCode::Invalid, format!("{location}.request.url"), "request.url must start with a resource type"));
+    }
+    if let Some(rt) = &rtype_of_resource {
+        if *rt != url_type {
+            return Err(FhirError::at(IssueCode::Invalid, format!("{location}.request.url"), "request.url names another resource type than the resource"));
+        }
+    }
+    let m = match (method, url_id, query) {
+        ("POST", None, None) => Method::Post {
+            if_none_exist: request.get("ifNoneExist").and_then(Value::as_str).map(|q| q.trim_start_matches('?').to_owned()),
+        },
+        ("PUT", Some(id), None) => {
+            if !chartline_fhir::is_valid_id(&id) {
+                return Err(FhirError::at(IssueCode::Invalid, format!("{location}.request.url"), "request.url holds an invalid id"));
+            }
+            if let Some(rid) = resource.as_ref().and_then(|r| r.get("id")).and_then(Value::as_str) {
+                if rid != id {
+                    return Err(FhirError::at(IssueCode::Invalid, format!("{location}.resource.id"), "resource.id differs from the id in request.url"));
+                }
+            }
+            Method::Put { id }
+        }
+        ("PUT", None, Some(q)) => Method::ConditionalPut { query: q },
+        ("DELETE", Some(id), None) => Method::Delete { id },
+        ("GET" | "HEAD" | "PATCH", _, _) | ("DELETE", None, Some(_)) => {
+            return Err(FhirError::at(
+                IssueCode::NotSupported,
+                format!("{location}.request.method"),
+                "GET, HEAD, PATCH and conditional DELETE entries are not supported",
+            ));
+        }
+        _ => {
+            return Err(FhirError::at(
+                IssueCode::Invalid,
+                format!("{location}.request"),
+                "request.method and request.url do not form a valid interaction",
+            ));
+        }
+    };
+    if resource.is_none() && !matches!(m, Method::Delete { .. }) {
+        return Err(FhirError::at(IssueCode::Required, format!("{location}.resource"), "entry.resource is required for POST and PUT"));
+    }
+    Ok(Entry {
+        index: i,
+        location,
+        full_url: e.get("fullUrl").and_then(Value::as_str).map(str::to_owned),
+        resource_type: url_type,
+        method: m,
+        resource,
+    })
+}
+
+fn response_entry(r: &EntryResult) -> Value {
+    let mut resp = json!({"status": r.status});
+    if r.version_id > 0 {
+        resp["location"] = json!(format!("{}/{}/_history/{}", r.resource_type, r.id, r.version_id));
+        resp["etag"] = json!(format!("W/\"{}\"", r.version_id));
+    } else {
+        resp["location"] = json!(format!("{}/{}", r.resource_type, r.id));
+    }
+    if let Some(t) = r.last_updated {
+        resp["lastModified"] = json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    }
+    json!({"fullUrl": format!("{}/{}", r.resource_type, r.id), "response": resp})
+}
+
+pub(crate) fn status_line(code: u16) -> String {
+    let reason = match code {
+        200 => "OK",
+        201 => "Created",
+        400 => "Bad Request",
+        404 => "Not Found",
+        409 => "Conflict",
+        412 => "Precondition Failed",
+        413 => "Payload Too Large",
+        422 => "Unprocessable Entity",
+        _ => "Internal Server Error",
+    };
+    format!("{code} {reason}")
+}

@@ -1,0 +1,519 @@
+//! From validated entries to store writes: id assignment, conditional create/update,
+//! reference resolution (urn:uuid, conditional, literal) and the derived index rows.
+
+use std::collections::{HashMap, HashSet};
+
+use chartline_fhir::{
+    FhirError, Issue, IssueCode, Reference, content_sha256, extract_events, for_each_reference_mut, is_valid_id,
+    parse_reference, patient_of,
+};
+use chartline_store::{ResourceWrite, StoreTx, WriteOutcome};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::IngestError;
+
+/// What an entry asks for.
+#[derive(Debug, Clone)]
+pub(crate) enum Method {
+    /// Create; `if_none_exist` makes it conditional.
+    Post { if_none_exist: Option<String> },
+    /// Create or update at a known id.
+    Put { id: String },
+    /// Update the one match of a search, or create when none.
+    ConditionalPut { query: String },
+    /// Delete at a known id.
+    Delete { id: String },
+}
+
+/// One unit of work: a Bundle entry, a REST call, an NDJSON line.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    /// Position in the request (for error locations and response order).
+    pub index: usize,
+    /// Where errors point, e.g. `Bundle.entry[3]`.
+    pub location: String,
+    pub full_url: Option<String>,
+    pub resource_type: String,
+    pub method: Method,
+    pub resource: Option<Value>,
+}
+
+/// How one entry ended.
+#[derive(Debug, Clone)]
+pub(crate) struct EntryResult {
+    pub index: usize,
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: i64,
+    pub last_updated: Option<DateTime<Utc>>,
+    /// None for a conditional create that matched, or a delete.
+    pub outcome: Option<WriteOutcome>,
+    pub status: &'static str,
+}
+
+/// Reference rules for one request.
+pub(crate) struct Policy {
+    /// Literal `Type/id` references must resolve to the request or the store (transactions).
+    pub literal_refs_must_exist: bool,
+}
+
+enum Action {
+    Write,
+    Matched,
+    Delete,
+}
+
+struct Target {
+    entry: usize,
+    id: String,
+    action: Action,
+    /// The id came from the client (urn:uuid or resource.id) on a create: it is kept only
+    /// if free, or if it holds identical content (a re-send).
+    provisional: bool,
+}
+
+/// Resolves and writes `entries` inside `tx`. `known` maps fullUrls resolved earlier in
+/// the same request (batch) and gains this call's. On error nothing of this call is kept
+/// by the caller (it drops `tx`).
+pub(crate) async fn apply(
+    tx: &mut StoreTx,
+    mut entries: Vec<Entry>,
+    known: &mut HashMap<String, (String, String)>,
+    policy: &Policy,
+    ingest_id: Option<i64>,
+) -> Result<Vec<EntryResult>, IngestError> {
+    // 1. Targets: which id each entry lands on.
+    let mut targets = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        let (id, action, provisional) = match &e.method {
+            Method::Post { if_none_exist: Some(q) } => {
+                tx.lock_key(&format!("{}?{}", e.resource_type, q)).await?;
+                let found = search(tx, &e.resource_type, q, &e.location).await?;
+                match found.as_slice() {
+                    [] => {
+                        let (id, p) = candidate_id(e);
+                        (id, Action::Write, p)
+                    }
+                    [one] => (one.clone(), Action::Matched, false),
+                    _ => return Err(multiple(&e.location, "ifNoneExist")),
+                }
+            }
+            Method::Post { if_none_exist: None } => {
+                let (id, p) = candidate_id(e);
+                (id, Action::Write, p)
+            }
+            Method::Put { id } => (id.clone(), Action::Write, false),
+            Method::ConditionalPut { query } => {
+                tx.lock_key(&format!("{}?{}", e.resource_type, query)).await?;
+                let found = search(tx, &e.resource_type, query, &e.location).await?;
+                match found.as_slice() {
+                    [] => {
+                        let (id, p) = candidate_id(e);
+                        (id, Action::Write, p)
+                    }
+                    [one] => (one.clone(), Action::Write, false),
+                    _ => return Err(multiple(&e.location, "the conditional update")),
+                }
+            }
+            Method::Delete { id } => (id.clone(), Action::Delete, false),
+        };
+        targets.push(Target { entry: i, id, action, provisional });
+    }
+    {
+        let mut seen = HashSet::new();
+        for t in &targets {
+            let e = &entries[t.entry];
+            if !matches!(t.action, Action::Matched) && !seen.insert((e.resource_type.as_str(), t.id.as_str())) {
+                return Err(FhirError::at(
+                    IssueCode::Duplicate,
+                    &e.location,
+                    "two entries of this request address the same resource",
+                )
+                .into());
+            }
+        }
+    }
+
+    // 2. Client-chosen ids on creates: kept when free or holding identical content.
+    let provisional_keys: Vec<(String, String)> = targets
+        .iter()
+        .filter(|t| t.provisional)
+        .map(|t| (entries[t.entry].resource_type.clone(), t.id.clone()))
+        .collect();
+    let taken = if provisional_keys.is_empty() { HashMap::new() } else { tx.current_hashes(&provisional_keys).await? };
+    let originals: Option<Vec<Option<Value>>> =
+        if taken.is_empty() { None } else { Some(entries.iter().map(|e| e.resource.clone()).collect()) };
+
+    let mut writes;
+    loop {
+        register(&entries, &targets, known);
+        resolve_references(tx, &mut entries, &targets, known, policy).await?;
+        writes = Vec::with_capacity(targets.len());
+        let mut reassigned = false;
+        for t in &mut targets {
+            if !matches!(t.action, Action::Write) {
+                continue;
+            }
+            let e = &entries[t.entry];
+            let Some(resource) = &e.resource else { continue };
+            let sha = content_sha256(resource);
+            if t.provisional {
+                if let Some(existing) = taken.get(&(e.resource_type.clone(), t.id.clone())) {
+                    if existing.as_slice() != sha.as_slice() {
+                        t.id = uuid::Uuid::new_v4().to_string();
+                        t.provisional = false;
+                        reassigned = true;
+                    }
+                }
+            }
+            writes.push((t.entry, sha));
+        }
+        if !reassigned {
+            break;
+        }
+        // An id was taken by other content: start over from the originals with the new ids.
+        if let Some(orig) = &originals {
+            for (e, o) in entries.iter_mut().zip(orig) {
+                e.resource = o.clone();
+            }
+        }
+    }
+
+    // 3. Deletes, then writes in key order.
+    let mut results: Vec<Option<EntryResult>> = vec![None; entries.len()];
+    for t in &targets {
+        let e = &entries[t.entry];
+        match t.action {
+            Action::Delete => {
+                let v = tx.delete(&e.resource_type, &t.id, ingest_id).await?;
+                results[t.entry] = Some(EntryResult {
+                    index: e.index,
+                    resource_type: e.resource_type.clone(),
+                    id: t.id.clone(),
+                    version_id: v.unwrap_or(0),
+                    last_updated: v.map(|_| tx.now()),
+                    outcome: None,
+                    status: if v.is_some() { "200 OK" } else { "204 No Content" },
+                });
+            }
+            Action::Matched => {
+                results[t.entry] = Some(EntryResult {
+                    index: e.index,
+                    resource_type: e.resource_type.clone(),
+                    id: t.id.clone(),
+                    version_id: 0,
+                    last_updated: None,
+                    outcome: None,
+                    status: "200 OK",
+                });
+            }
+            Action::Write => {}
+        }
+    }
+    let target_of: HashMap<usize, &Target> = targets.iter().map(|t| (t.entry, t)).collect();
+    let mut order: Vec<(usize, [u8; 32])> = writes;
+    order.sort_by(|a, b| {
+        let (ea, eb) = (&entries[a.0], &entries[b.0]);
+        (ea.resource_type.as_str(), target_of[&a.0].id.as_str()).cmp(&(eb.resource_type.as_str(), target_of[&b.0].id.as_str()))
+    });
+    let mut batch = Vec::with_capacity(order.len());
+    let mut batch_entries = Vec::with_capacity(order.len());
+    for (i, sha) in order {
+        let e = &mut entries[i];
+        let Some(resource) = e.resource.take() else { continue };
+        batch.push(to_write(&e.resource_type, &target_of[&i].id, resource, sha));
+        batch_entries.push(i);
+    }
+    let written = tx.write(batch, ingest_id).await?;
+    for (i, w) in batch_entries.into_iter().zip(written) {
+        results[i] = Some(EntryResult {
+            index: entries[i].index,
+            resource_type: w.resource_type,
+            id: w.id,
+            version_id: w.version_id,
+            last_updated: Some(w.last_updated),
+            status: match w.outcome {
+                WriteOutcome::Created => "201 Created",
+                _ => "200 OK",
+            },
+            outcome: Some(w.outcome),
+        });
+    }
+    Ok(results.into_iter().flatten().collect())
+}
+
+fn multiple(location: &str, what: &str) -> IngestError {
+    FhirError::at(IssueCode::MultipleMatches, location, format!("{what} matches more than one resource")).into()
+}
+
+/// The id a create asks for: the UUID of a `urn:uuid:` fullUrl, else the resource's own id,
+/// else a fresh UUID. The first two are provisional (see [`Target::provisional`]).
+fn candidate_id(e: &Entry) -> (String, bool) {
+    if let Some(u) = e.full_url.as_deref().and_then(|u| u.strip_prefix("urn:uuid:")) {
+        if is_valid_id(u) {
+            return (u.to_ascii_lowercase(), true);
+        }
+    }
+    if let Some(id) = e.resource.as_ref().and_then(|r| r.get("id")).and_then(Value::as_str) {
+        if is_valid_id(id) {
+            return (id.to_owned(), true);
+        }
+    }
+    (uuid::Uuid::new_v4().to_string(), false)
+}
+
+fn register(entries: &[Entry], targets: &[Target], known: &mut HashMap<String, (String, String)>) {
+    for t in targets {
+        let e = &entries[t.entry];
+        if let Some(u) = &e.full_url {
+            known.insert(u.clone(), (e.resource_type.clone(), t.id.clone()));
+        }
+    }
+}
+
+async fn resolve_references(
+    tx: &mut StoreTx,
+    entries: &mut [Entry],
+    targets: &[Target],
+    known: &HashMap<String, (String, String)>,
+    policy: &Policy,
+) -> Result<(), IngestError> {
+    // Conditional references: one search per distinct query.
+    let mut conditional: HashMap<String, Result<String, IngestError>> = HashMap::new();
+    let mut literals: Vec<((String, String), String)> = Vec::new();
+    let in_request: HashSet<(String, String)> =
+        targets.iter().map(|t| (entries[t.entry].resource_type.clone(), t.id.clone())).collect();
+    for t in targets {
+        if !matches!(t.action, Action::Write) {
+            continue;
+        }
+        let location = entries[t.entry].location.clone();
+        let mut queries = Vec::new();
+        if let Some(r) = &entries[t.entry].resource {
+            chartline_fhir::for_each_reference(r, &mut |_, s| {
+                if let Reference::Conditional { .. } = parse_reference(s) {
+                    if !conditional.contains_key(s) {
+                        queries.push(s.to_owned());
+                    }
+                }
+            });
+        }
+        for q in queries {
+            if conditional.contains_key(&q) {
+                continue;
+            }
+            let resolved = resolve_conditional(tx, &q, entries, targets, &location).await;
+            conditional.insert(q, resolved);
+        }
+        let e = &mut entries[t.entry];
+        let id = t.id.clone();
+        let rtype = e.resource_type.clone();
+        let Some(resource) = e.resource.as_mut() else { continue };
+        if let Value::Object(m) = resource {
+            m.insert("id".into(), Value::String(id));
+        }
+        let prefix = format!("{location}.resource");
+        for_each_reference_mut(resource, &mut |path, s| -> Result<(), IngestError> {
+            let at = || format!("{prefix}{}", path.strip_prefix(rtype.as_str()).unwrap_or(path));
+            match parse_reference(s) {
+                Reference::Urn(u) => match known.get(u) {
+                    Some((ty, id)) => *s = format!("{ty}/{id}"),
+                    None => {
+                        return Err(FhirError::at(IssueCode::NotFound, at(), "reference to a urn that no entry of this Bundle carries").into());
+                    }
+                },
+                Reference::Conditional { .. } => match conditional.get(s.as_str()) {
+                    Some(Ok(r)) => *s = r.clone(),
+                    Some(Err(e)) => return Err(relocate(e, &at())),
+                    None => {}
+                },
+                Reference::Literal { absolute: true, .. } => {
+                    if let Some((ty, id)) = known.get(s.as_str()) {
+                        *s = format!("{ty}/{id}");
+                    }
+                }
+                Reference::Literal { resource_type, id, absolute: false, .. } if policy.literal_refs_must_exist => {
+                    let key = (resource_type.to_owned(), id.to_owned());
+                    if !in_request.contains(&key) {
+                        literals.push((key, at()));
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        })?;
+    }
+    if !literals.is_empty() {
+        let keys: Vec<(String, String)> = literals.iter().map(|(k, _)| k.clone()).collect();
+        let found = tx.existing(&keys).await?;
+        if let Some((_, at)) = literals.iter().find(|(k, _)| !found.contains(k)) {
+            return Err(FhirError::at(IssueCode::NotFound, at.clone(), "reference resolves to no stored resource and no entry of this Bundle").into());
+        }
+    }
+    Ok(())
+}
+
+fn relocate(e: &IngestError, at: &str) -> IngestError {
+    match e {
+        IngestError::Invalid(f) => IngestError::Invalid(FhirError {
+            issues: f.issues.iter().cloned().map(|i| Issue { expression: Some(at.to_owned()), ..i }).collect(),
+        }),
+        IngestError::Store(_) => IngestError::invalid(IssueCode::Exception, "conditional reference could not be resolved"),
+    }
+}
+
+/// `Type?identifier=system|value`: one match in the store, else in this request's entries.
+async fn resolve_conditional(
+    tx: &mut StoreTx,
+    reference: &str,
+    entries: &[Entry],
+    targets: &[Target],
+    location: &str,
+) -> Result<String, IngestError> {
+    let Reference::Conditional { resource_type, query } = parse_reference(reference) else {
+        return Err(IngestError::invalid(IssueCode::Invalid, "not a conditional reference"));
+    };
+    let mut found = search(tx, resource_type, query, location).await?;
+    if found.is_empty() {
+        let crit = parse_query(query, location)?;
+        for t in targets {
+            let e = &entries[t.entry];
+            if e.resource_type == resource_type && e.resource.as_ref().is_some_and(|r| matches(r, &t.id, &crit)) {
+                found.push(t.id.clone());
+            }
+        }
+    }
+    match found.as_slice() {
+        [one] => Ok(format!("{resource_type}/{one}")),
+        [] => Err(FhirError::at(IssueCode::NotFound, location, "conditional reference matches no resource").into()),
+        _ => Err(FhirError::at(IssueCode::MultipleMatches, location, "conditional reference matches more than one resource").into()),
+    }
+}
+
+enum Criterion {
+    Identifier { system: Option<String>, value: String },
+    Id(String),
+}
+
+fn parse_query(query: &str, location: &str) -> Result<Criterion, IngestError> {
+    let unsupported = || {
+        IngestError::Invalid(FhirError::at(
+            IssueCode::NotSupported,
+            location,
+            "only `identifier=[system|]value` and `_id=` are supported in conditional operations",
+        ))
+    };
+    if query.contains('&') {
+        return Err(unsupported());
+    }
+    let (name, raw) = query.split_once('=').ok_or_else(unsupported)?;
+    let value = percent_decode(raw);
+    match name {
+        "identifier" => Ok(match value.split_once('|') {
+            Some((s, v)) => Criterion::Identifier { system: (!s.is_empty()).then(|| s.to_owned()), value: v.to_owned() },
+            None => Criterion::Identifier { system: None, value },
+        }),
+        "_id" => Ok(Criterion::Id(value)),
+        _ => Err(unsupported()),
+    }
+}
+
+fn matches(resource: &Value, id: &str, c: &Criterion) -> bool {
+    match c {
+        Criterion::Id(want) => id == want,
+        Criterion::Identifier { system, value } => identifiers(resource)
+            .iter()
+            .any(|(s, v)| v == value && system.as_ref().is_none_or(|want| want == s)),
+    }
+}
+
+async fn search(tx: &mut StoreTx, resource_type: &str, query: &str, location: &str) -> Result<Vec<String>, IngestError> {
+    match parse_query(query, location)? {
+        Criterion::Identifier { system, value } => {
+            Ok(tx.find_by_identifier(resource_type, system.as_deref(), &value).await?)
+        }
+        Criterion::Id(id) => {
+            let key = (resource_type.to_owned(), id);
+            let found = tx.existing(std::slice::from_ref(&key)).await?;
+            Ok(found.into_iter().map(|(_, id)| id).collect())
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// (system, value) of the resource's `identifier` list ("" when no system).
+pub(crate) fn identifiers(resource: &Value) -> Vec<(String, String)> {
+    let list = match resource.get("identifier") {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(v @ Value::Object(_)) => vec![v],
+        _ => Vec::new(),
+    };
+    list.into_iter()
+        .filter_map(|i| {
+            let value = i.get("value")?.as_str()?;
+            Some((i.get("system").and_then(Value::as_str).unwrap_or("").to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+/// The store's view of a resolved resource.
+pub(crate) fn to_write(resource_type: &str, id: &str, resource: Value, sha256: [u8; 32]) -> ResourceWrite {
+    ResourceWrite {
+        resource_type: resource_type.to_owned(),
+        id: id.to_owned(),
+        patient_id: patient_of(&resource),
+        events: extract_events(&resource),
+        identifiers: identifiers(&resource),
+        sha256,
+        content: resource,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditional_queries_parse_system_and_value() {
+        match parse_query("identifier=http://hl7.org/fhir/sid/us-npi%7C999", "x").ok() {
+            Some(Criterion::Identifier { system, value }) => {
+                assert_eq!(system.as_deref(), Some("http://hl7.org/fhir/sid/us-npi"));
+                assert_eq!(value, "999");
+            }
+            _ => panic!("identifier query must parse"),
+        }
+        assert!(parse_query("name=smith", "x").is_err(), "unsupported parameters are refused, not ignored");
+        assert!(parse_query("identifier=a&_id=b", "x").is_err());
+    }
+
+    #[test]
+    fn urn_uuid_full_urls_give_their_uuid_as_the_id() {
+        let e = Entry {
+            index: 0,
+            location: "Bundle.entry[0]".into(),
+            full_url: Some("urn:uuid:4B86BEFA-fa7e-9285-615f-e081dab3f93c".into()),
+            resource_type: "Patient".into(),
+            method: Method::Post { if_none_exist: None },
+            resource: Some(serde_json::json!({"resourceType": "Patient"})),
+        };
+        assert_eq!(candidate_id(&e), ("4b86befa-fa7e-9285-615f-e081dab3f93c".to_owned(), true));
+    }
+}

@@ -1,0 +1,561 @@
+//! The write path: one `StoreTx` per ingest transaction, bulk statements over arrays so a
+//! 3,000-resource Bundle costs a handful of round trips, not thousands.
+
+use std::collections::{HashMap, HashSet};
+
+use chartline_fhir::PatientEvent;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::Value;
+use sqlx::{Postgres, Row, Transaction};
+
+use crate::StoreError;
+
+/// A resource ready to be stored: validated, id assigned, references resolved.
+#[derive(Debug, Clone)]
+pub struct ResourceWrite {
+    /// The resource type.
+    pub resource_type: String,
+    /// The logical id.
+    pub id: String,
+    /// The content; `meta.versionId` and `meta.lastUpdated` are set by the store.
+    pub content: Value,
+    /// Canonical content hash (see `chartline_fhir::content_sha256`).
+    pub sha256: [u8; 32],
+    /// Compartment owner.
+    pub patient_id: Option<String>,
+    /// Timeline rows (written only when `patient_id` is known).
+    pub events: Vec<PatientEvent>,
+    /// (system, value) identifiers.
+    pub identifiers: Vec<(String, String)>,
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// A new resource, version 1.
+    Created,
+    /// A new version of an existing resource.
+    Updated,
+    /// Identical content to the current version: nothing written.
+    Unchanged,
+}
+
+impl WriteOutcome {
+    /// `created`, `updated`, `unchanged`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteOutcome::Created => "created",
+            WriteOutcome::Updated => "updated",
+            WriteOutcome::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// The result of one resource write.
+#[derive(Debug, Clone)]
+pub struct WriteResult {
+    /// The resource type.
+    pub resource_type: String,
+    /// The logical id.
+    pub id: String,
+    /// The current version after the write.
+    pub version_id: i64,
+    /// When that version was stored.
+    pub last_updated: DateTime<Utc>,
+    /// What happened.
+    pub outcome: WriteOutcome,
+}
+
+/// The ingest log's view of one request.
+#[derive(Debug, Clone)]
+pub struct IngestRecord {
+    /// Who sent it (client id, user, `cli`).
+    pub sender: String,
+    /// rest, grpc, cli.
+    pub channel: String,
+    /// transaction, batch, resource, ndjson.
+    pub kind: String,
+    /// Size of the payload.
+    pub payload_bytes: i64,
+    /// sha256 of the payload bytes.
+    pub payload_sha256: [u8; 32],
+    /// Entries rejected (batch and NDJSON can store some and reject others).
+    pub rejected: i32,
+}
+
+/// An open write transaction. Dropped without [`StoreTx::commit`], it rolls back.
+pub struct StoreTx {
+    tx: Transaction<'static, Postgres>,
+    now: DateTime<Utc>,
+}
+
+struct Current {
+    version_id: i64,
+    last_updated: DateTime<Utc>,
+    sha256: Vec<u8>,
+    deleted: bool,
+}
+
+impl StoreTx {
+    pub(crate) fn new(tx: Transaction<'static, Postgres>) -> Self {
+        // Postgres keeps microseconds; truncating here keeps meta.lastUpdated and the row equal.
+        let now = Utc::now();
+        let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
+        StoreTx { tx, now }
+    }
+
+    /// The transaction's timestamp, used as `lastUpdated` for everything it writes.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.now
+    }
+
+    /// Serializes conditional creates of the same key across concurrent transactions.
+    pub async fn lock_key(&mut self, key: &str) -> Result<(), StoreError> {
+        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))").bind(key).execute(&mut *self.tx).await?;
+        Ok(())
+    }
+
+    /// Ids of current, non-deleted resources of `resource_type` with the identifier
+    /// (`system` None matches any system).
+    pub async fn find_by_identifier(
+        &mut self,
+        resource_type: &str,
+        system: Option<&str>,
+        value: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "select distinct i.id from resource_identifier i join resource r using (resource_type, id)
+             where i.resource_type = $1 and i.value = $2 and ($3::text is null or i.system = $3) and not r.deleted
+             order by i.id limit 10",
+        )
+        .bind(resource_type)
+        .bind(value)
+        .bind(system)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter().map(|r| r.try_get("id").map_err(StoreError::from)).collect()
+    }
+
+    /// Which of the given (type, id) pairs exist and are not deleted.
+    pub async fn existing(&mut self, keys: &[(String, String)]) -> Result<HashSet<(String, String)>, StoreError> {
+        let (types, ids): (Vec<&str>, Vec<&str>) = keys.iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip();
+        let rows = sqlx::query(
+            "select r.resource_type, r.id from unnest($1::text[], $2::text[]) as k(resource_type, id)
+             join resource r using (resource_type, id) where not r.deleted",
+        )
+        .bind(&types)
+        .bind(&ids)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("resource_type")?, r.try_get("id")?))).collect()
+    }
+
+    /// The canonical content hash of each current resource among `keys` (for deciding
+    /// whether a POST with a client-chosen id is a re-send of the same content).
+    pub async fn current_hashes(&mut self, keys: &[(String, String)]) -> Result<HashMap<(String, String), Vec<u8>>, StoreError> {
+        let (types, ids): (Vec<&str>, Vec<&str>) = keys.iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip();
+        let rows = sqlx::query(
+            "select r.resource_type, r.id, r.sha256 from unnest($1::text[], $2::text[]) as k(resource_type, id)
+             join resource r using (resource_type, id) where not r.deleted",
+        )
+        .bind(&types)
+        .bind(&ids)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(((r.try_get("resource_type")?, r.try_get("id")?), r.try_get("sha256")?)))
+            .collect()
+    }
+
+    async fn lock_current(&mut self, types: &[&str], ids: &[&str]) -> Result<HashMap<(String, String), Current>, StoreError> {
+        let rows = sqlx::query(
+            "select r.resource_type, r.id, r.version_id, r.last_updated, r.sha256, r.deleted
+             from resource r join unnest($1::text[], $2::text[]) as k(resource_type, id) using (resource_type, id)
+             order by r.resource_type, r.id for update of r",
+        )
+        .bind(types)
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    (r.try_get("resource_type")?, r.try_get("id")?),
+                    Current {
+                        version_id: r.try_get("version_id")?,
+                        last_updated: r.try_get("last_updated")?,
+                        sha256: r.try_get("sha256")?, deleted: r.try_get("deleted")? },
+                ))
+            })
+            .collect()
+    }
+
+    /// Stores the resources (each (type, id) at most once), creating, updating or leaving
+    /// each unchanged, and keeps the identifier and timeline indexes in step. Results come
+    /// back in input order.
+    pub async fn write(&mut self, writes: Vec<ResourceWrite>, ingest_id: Option<i64>) -> Result<Vec<WriteResult>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let types: Vec<&str> = writes.iter().map(|w| w.resource_type.as_str()).collect();
+        let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
+        let mut current = self.lock_current(&types, &ids).await?;
+
+        // Create the rows that do not exist yet. A concurrent transaction may create the
+        // same key first: ON CONFLICT skips it, and the row is then locked and updated.
+        let missing: Vec<usize> = (0..writes.len())
+            .filter(|&i| !current.contains_key(&(writes[i].resource_type.clone(), writes[i].id.clone())))
+            .collect();
+        let mut created = HashSet::new();
+        if !missing.is_empty() {
+            let mt: Vec<&str> = missing.iter().map(|&i| types[i]).collect();
+            let mi: Vec<&str> = missing.iter().map(|&i| ids[i]).collect();
+            let ms: Vec<&[u8]> = missing.iter().map(|&i| &writes[i].sha256[..]).collect();
+            let mp: Vec<Option<&str>> = missing.iter().map(|&i| writes[i].patient_id.as_deref()).collect();
+            let rows = sqlx::query(
+                "insert into resource (resource_type, id, version_id, last_updated, sha256, patient_id)
+                 select t, i, 1, $5, s, p from unnest($1::text[], $2::text[], $3::bytea[], $4::text[]) as x(t, i, s, p)
+                 order by t, i
+                 on conflict (resource_type, id) do nothing returning resource_type, id",
+            )
+            .bind(&mt)
+            .bind(&mi)
+            .bind(&ms)
+            .bind(&mp)
+            .bind(self.now)
+            .fetch_all(&mut *self.tx)
+            .await?;
+            for r in &rows {
+                created.insert((r.try_get::<String, _>("resource_type")?, r.try_get::<String, _>("id")?));
+            }
+            if created.len() < missing.len() {
+                let lt: Vec<&str> = missing.iter().map(|&i| types[i]).collect();
+                let li: Vec<&str> = missing.iter().map(|&i| ids[i]).collect();
+                let raced = self.lock_current(&lt, &li).await?;
+                for (k, c) in raced {
+                    if !created.contains(&k) {
+                        current.insert(k, c);
+                    }
+                }
+            }
+        }
+
+        let mut results = Vec::with_capacity(writes.len());
+        let mut changed: Vec<(usize, i64)> = Vec::new();
+        for (i, w) in writes.iter().enumerate() {
+            let key = (w.resource_type.clone(), w.id.clone());
+            let (outcome, version_id, last_updated) = if created.contains(&key) {
+                (WriteOutcome::Created, 1, self.now)
+            } else if let Some(c) = current.get(&key) {
+                if !c.deleted && c.sha256 == w.sha256 {
+                    (WriteOutcome::Unchanged, c.version_id, c.last_updated)
+                } else {
+                    (WriteOutcome::Updated, c.version_id + 1, self.now)
+                }
+            } else {
+                return Err(StoreError::Corrupt(format!("{}/{} neither created nor found", w.resource_type, w.id)));
+            };
+            if outcome != WriteOutcome::Unchanged {
+                changed.push((i, version_id));
+            }
+            results.push(WriteResult {
+                resource_type: w.resource_type.clone(),
+                id: w.id.clone(),
+                version_id,
+                last_updated,
+                outcome,
+            });
+        }
+        if changed.is_empty() {
+            return Ok(results);
+        }
+
+        let updated: Vec<usize> =
+            changed.iter().filter(|(i, _)| results[*i].outcome == WriteOutcome::Updated).map(|(i, _)| *i).collect();
+        if !updated.is_empty() {
+            let ut: Vec<&str> = updated.iter().map(|&i| types[i]).collect();
+            let ui: Vec<&str> = updated.iter().map(|&i| ids[i]).collect();
+            let uv: Vec<i64> = updated.iter().map(|&i| results[i].version_id).collect();
+            let us: Vec<&[u8]> = updated.iter().map(|&i| &writes[i].sha256[..]).collect();
+            let up: Vec<Option<&str>> = updated.iter().map(|&i| writes[i].patient_id.as_deref()).collect();
+            sqlx::query(
+                "update resource r set version_id = x.v, sha256 = x.s, patient_id = x.p, last_updated = $6, deleted = false
+                 from unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[]) as x(t, i, v, s, p)
+                 where r.resource_type = x.t and r.id = x.i",
+            )
+            .bind(&ut)
+            .bind(&ui)
+            .bind(&uv)
+            .bind(&us)
+            .bind(&up)
+            .bind(self.now)
+            .execute(&mut *self.tx)
+            .await?;
+            sqlx::query(
+                "delete from patient_event e using unnest($1::text[], $2::text[]) as x(t, i)
+                 where e.resource_type = x.t and e.resource_id = x.i",
+            )
+            .bind(&ut)
+            .bind(&ui)
+            .execute(&mut *self.tx)
+            .await?;
+            sqlx::query(
+                "delete from resource_identifier d using unnest($1::text[], $2::text[]) as x(t, i)
+                 where d.resource_type = x.t and d.id = x.i",
+            )
+            .bind(&ut)
+            .bind(&ui)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+
+        // History rows: the content with server-managed meta.
+        let last_updated = self.now.to_rfc3339_opts(SecondsFormat::Micros, true);
+        let mut ht = Vec::with_capacity(changed.len());
+        let mut hi = Vec::with_capacity(changed.len());
+        let mut hv = Vec::with_capacity(changed.len());
+        let mut hs: Vec<&[u8]> = Vec::with_capacity(changed.len());
+        let mut hc = Vec::with_capacity(changed.len());
+        let mut hp = Vec::with_capacity(changed.len());
+        for &(i, v) in &changed {
+            let w = &writes[i];
+            let mut content = w.content.clone();
+            set_meta(&mut content, v, &last_updated);
+            hc.push(serde_json::to_string(&content).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            ht.push(types[i]);
+            hi.push(ids[i]);
+            hv.push(v);
+            hs.push(&w.sha256[..]);
+            hp.push(w.patient_id.as_deref());
+        }
+        sqlx::query(
+            "insert into resource_history (resource_type, id, version_id, last_updated, sha256, content, patient_id, ingest_id)
+             select t, i, v, $7, s, c::jsonb, p, $8
+             from unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::text[]) as x(t, i, v, s, c, p)",
+        )
+        .bind(&ht)
+        .bind(&hi)
+        .bind(&hv)
+        .bind(&hs)
+        .bind(&hc)
+        .bind(&hp)
+        .bind(self.now)
+        .bind(ingest_id)
+        .execute(&mut *self.tx)
+        .await?;
+
+        self.insert_identifiers(&writes, &changed).await?;
+        self.insert_events(&writes, &changed).await?;
+        Ok(results)
+    }
+
+    async fn insert_identifiers(&mut self, writes: &[ResourceWrite], changed: &[(usize, i64)]) -> Result<(), StoreError> {
+        let (mut t, mut id, mut sys, mut val) = (vec![], vec![], vec![], vec![]);
+        for &(i, _) in changed {
+            let w = &writes[i];
+            for (s, v) in &w.identifiers {
+                t.push(w.resource_type.as_str());
+                id.push(w.id.as_str());
+                sys.push(s.as_str());
+                val.push(v.as_str());
+            }
+        }
+        if t.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "insert into resource_identifier (resource_type, id, system, value)
+             select * from unnest($1::text[], $2::text[], $3::text[], $4::text[])",
+        )
+        .bind(&t)
+        .bind(&id)
+        .bind(&sys)
+        .bind(&val)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_events(&mut self, writes: &[ResourceWrite], changed: &[(usize, i64)]) -> Result<(), StoreError> {
+        let mut c = EventColumns::default();
+        for &(i, v) in changed {
+            let w = &writes[i];
+            let Some(patient) = w.patient_id.as_deref() else { continue };
+            for e in &w.events {
+                c.push(patient, &w.resource_type, &w.id, v, e);
+            }
+        }
+        if c.patient.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "insert into patient_event (patient_id, resource_type, resource_id, version_id, component, kind,
+                event_time, end_time, category, code_system, code, display, value_num, value_text, unit,
+                ref_low, ref_high, interpretation, status)
+             select * from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[],
+                $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::text[],
+                $13::float8[], $14::text[], $15::text[], $16::float8[], $17::float8[], $18::text[], $19::text[])",
+        )
+        .bind(&c.patient)
+        .bind(&c.rtype)
+        .bind(&c.rid)
+        .bind(&c.version)
+        .bind(&c.component)
+        .bind(&c.kind)
+        .bind(&c.time)
+        .bind(&c.end_time)
+        .bind(&c.category)
+        .bind(&c.code_system)
+        .bind(&c.code)
+        .bind(&c.display)
+        .bind(&c.value_num)
+        .bind(&c.value_text)
+        .bind(&c.unit)
+        .bind(&c.ref_low)
+        .bind(&c.ref_high)
+        .bind(&c.interpretation)
+        .bind(&c.status)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a resource deleted (a new version with no content). Returns the new version,
+    /// or None when there was nothing to delete.
+    pub async fn delete(&mut self, resource_type: &str, id: &str, ingest_id: Option<i64>) -> Result<Option<i64>, StoreError> {
+        let cur = self.lock_current(&[resource_type], &[id]).await?;
+        let Some(c) = cur.get(&(resource_type.to_owned(), id.to_owned())) else { return Ok(None) };
+        if c.deleted {
+            return Ok(Some(c.version_id));
+        }
+        let v = c.version_id + 1;
+        sqlx::query("update resource set version_id = $3, deleted = true, last_updated = $4 where resource_type = $1 and id = $2")
+            .bind(resource_type)
+            .bind(id)
+            .bind(v)
+            .bind(self.now)
+            .execute(&mut *self.tx)
+            .await?;
+        sqlx::query(
+            "insert into resource_history (resource_type, id, version_id, last_updated, sha256, content, ingest_id)
+             values ($1, $2, $3, $4, '\\x', null, $5)",
+        )
+        .bind(resource_type)
+        .bind(id)
+        .bind(v)
+        .bind(self.now)
+        .bind(ingest_id)
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query("delete from patient_event where resource_type = $1 and resource_id = $2")
+            .bind(resource_type)
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        sqlx::query("delete from resource_identifier where resource_type = $1 and id = $2")
+            .bind(resource_type)
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(Some(v))
+    }
+
+    /// Opens the ingest log row for this request (committed with the data).
+    pub async fn log_ingest(&mut self, record: &IngestRecord) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "insert into ingest_log (sender, channel, kind, payload_bytes, payload_sha256, outcome, rejected)
+             values ($1, $2, $3, $4, $5, 'stored', $6) returning id",
+        )
+        .bind(&record.sender)
+        .bind(&record.channel)
+        .bind(&record.kind)
+        .bind(record.payload_bytes)
+        .bind(&record.payload_sha256[..])
+        .bind(record.rejected)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        Ok(row.try_get("id")?)
+    }
+
+    /// Closes the ingest log row with the counts (and issues, for partial outcomes).
+    pub async fn finish_ingest(&mut self, ingest_id: i64, results: &[WriteResult], rejected: i32, issues: Option<&Value>) -> Result<(), StoreError> {
+        let count = |o: WriteOutcome| results.iter().filter(|r| r.outcome == o).count() as i32;
+        sqlx::query(
+            "update ingest_log set created = $2, updated = $3, unchanged = $4, rejected = $5, issues = $6,
+                outcome = case when $5 > 0 then 'partial' else 'stored' end
+             where id = $1",
+        )
+        .bind(ingest_id)
+        .bind(count(WriteOutcome::Created))
+        .bind(count(WriteOutcome::Updated))
+        .bind(count(WriteOutcome::Unchanged))
+        .bind(rejected)
+        .bind(issues.map(sqlx::types::Json))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Commits everything written through this transaction.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn set_meta(content: &mut Value, version_id: i64, last_updated: &str) {
+    if let Value::Object(map) = content {
+        let meta = map.entry("meta").or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(m) = meta {
+            m.insert("versionId".into(), Value::String(version_id.to_string()));
+            m.insert("lastUpdated".into(), Value::String(last_updated.to_owned()));
+        }
+    }
+}
+
+#[derive(Default)]
+struct EventColumns<'a> {
+    patient: Vec<&'a str>,
+    rtype: Vec<&'a str>,
+    rid: Vec<&'a str>,
+    version: Vec<i64>,
+    component: Vec<i32>,
+    kind: Vec<&'a str>,
+    time: Vec<Option<DateTime<Utc>>>,
+    end_time: Vec<Option<DateTime<Utc>>>,
+    category: Vec<Option<&'a str>>,
+    code_system: Vec<Option<&'a str>>,
+    code: Vec<Option<&'a str>>,
+    display: Vec<Option<&'a str>>,
+    value_num: Vec<Option<f64>>,
+    value_text: Vec<Option<&'a str>>,
+    unit: Vec<Option<&'a str>>,
+    ref_low: Vec<Option<f64>>,
+    ref_high: Vec<Option<f64>>,
+    interpretation: Vec<Option<&'a str>>,
+    status: Vec<Option<&'a str>>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn push(&mut self, patient: &'a str, rtype: &'a str, rid: &'a str, version: i64, e: &'a PatientEvent) {
+        self.patient.push(patient);
+        self.rtype.push(rtype);
+        self.rid.push(rid);
+        self.version.push(version);
+        self.component.push(e.component);
+        self.kind.push(e.kind);
+        self.time.push(e.time);
+        self.end_time.push(e.end_time);
+        self.category.push(e.category.as_deref());
+        self.code_system.push(e.code_system.as_deref());
+        self.code.push(e.code.as_deref());
+        self.display.push(e.display.as_deref());
+        self.value_num.push(e.value_num);
+        self.value_text.push(e.value_text.as_deref());
+        self.unit.push(e.unit.as_deref());
+        self.ref_low.push(e.ref_low);
+        self.ref_high.push(e.ref_high);
+        self.interpretation.push(e.interpretation.as_deref());
+        self.status.push(e.status.as_deref());
+    }
+}

@@ -1,0 +1,146 @@
+//! Command-line and environment configuration. Every field is `--flag` and an env var.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Chartline: FHIR ingest, patient timelines and audited AI chart summaries.
+#[derive(Debug, Parser)]
+#[command(name = "chartline", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log as JSON lines (for log shippers) instead of text.
+    #[arg(long, env = "CHARTLINE_LOG_JSON", global = true)]
+    pub log_json: bool,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC and HTTP servers.
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate(DbArgs),
+    /// Store FHIR files or folders (Bundles, single resources, .ndjson) and print counts.
+    Ingest(IngestArgs),
+    /// Start everything in one process, ingest the shipped fixture patients over the wire,
+    /// and print what was stored.
+    Demo(DemoArgs),
+}
+
+/// The database.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// PostgreSQL URL (as sqlx-cli expects it).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Connections in the pool.
+    #[arg(long, env = "CHARTLINE_DB_MAX_CONNECTIONS", default_value_t = 8)]
+    pub db_max_connections: u32,
+}
+
+impl DbArgs {
+    /// The URL with any password replaced, for logs.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.database_url)
+    }
+}
+
+/// Replaces the password of a URL (`scheme://user:secret@host`) with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((userinfo, host)) = rest.split_once('@') else { return url.to_owned() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// Bounds on client input.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Largest accepted request body in bytes (HTTP 413 past it).
+    #[arg(long, env = "CHARTLINE_MAX_PAYLOAD_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_payload_bytes: usize,
+    /// Deepest accepted JSON nesting.
+    #[arg(long, env = "CHARTLINE_MAX_JSON_DEPTH", default_value_t = 64)]
+    pub max_json_depth: usize,
+    /// Reject strings holding HTML tags (the reference validator's security checks).
+    #[arg(long, env = "CHARTLINE_REJECT_HTML_IN_STRINGS")]
+    pub reject_html_in_strings: bool,
+}
+
+impl LimitArgs {
+    /// As the validator's limits.
+    pub fn limits(&self) -> chartline_fhir::Limits {
+        chartline_fhir::Limits {
+            max_bytes: self.max_payload_bytes,
+            max_depth: self.max_json_depth,
+            reject_html_in_strings: self.reject_html_in_strings,
+            ..chartline_fhir::Limits::default()
+        }
+    }
+}
+
+/// `chartline serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Database.
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Input limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// gRPC listen address.
+    #[arg(long, env = "CHARTLINE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP (FHIR REST) listen address.
+    #[arg(long, env = "CHARTLINE_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+}
+
+/// `chartline ingest`.
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
+    /// Database.
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Input limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Sender recorded in the ingest log.
+    #[arg(long, env = "CHARTLINE_SENDER", default_value = "cli")]
+    pub sender: String,
+    /// Files or folders (folders are read in Synthea's load order: hospital and practitioner
+    /// Bundles first).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+/// `chartline demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Database.
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The fixture folder holding Synthea Bundles.
+    #[arg(long, env = "CHARTLINE_DEMO_FIXTURES", default_value = "../shared/fixtures/synthea/blaze-synthea-2.7.0")]
+    pub fixtures: PathBuf,
+    /// The patient to show.
+    #[arg(long, default_value = "4b86befa-fa7e-9285-615f-e081dab3f93c")]
+    pub patient: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_the_log() {
+        assert_eq!(redact_url("postgres://app:s3cret@db:5432/x"), "postgres://app:***@db:5432/x");
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+    }
+}

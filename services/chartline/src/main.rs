@@ -1,0 +1,24 @@
+//! `chartline`: parse the command line, start tracing, run the command.
+
+use clap::Parser;
+
+use chartline::config::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    chartline::init_tracing(cli.log_json);
+    let result = match cli.command {
+        Command::Serve(args) => chartline::server::run(args).await,
+        Command::Migrate(db) => chartline::server::migrate(&db).await,
+        Command::Ingest(args) => chartline::ingest_cli::run(args).await,
+        Command::Demo(args) => chartline::demo::run(args).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("chartline: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
