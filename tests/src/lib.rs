@@ -41,3 +41,73 @@ pub fn read_json(path: &Path) -> serde_json::Value {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
+
+/// Chartline's servers on ephemeral ports over a test database.
+pub struct TestServer {
+    /// The running servers.
+    pub running: chartline::server::Running,
+    /// `http://127.0.0.1:PORT/fhir`.
+    pub fhir: String,
+    /// `http://127.0.0.1:PORT` for gRPC clients.
+    pub grpc: String,
+    /// An HTTP client.
+    pub http: reqwest::Client,
+}
+
+/// Starts the real servers (as `chartline serve` does) on `127.0.0.1:0`.
+pub async fn start_server(pool: sqlx::PgPool, limits: chartline_fhir::Limits) -> TestServer {
+    let store = chartline_store::Store::from_pool(pool);
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
+    let running = chartline::server::start(store, limits, grpc, http).await.expect("servers start");
+    TestServer {
+        fhir: format!("http://{}/fhir", running.http_addr),
+        grpc: format!("http://{}", running.grpc_addr),
+        running,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl TestServer {
+    /// POSTs a body to `/fhir{path}` and returns status and JSON.
+    pub async fn post(&self, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.fhir))
+            .header("content-type", "application/fhir+json")
+            .body(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("FHIR JSON response"))
+    }
+
+    /// GETs `/fhir{path}`.
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self.http.get(format!("{}{path}", self.fhir)).send().await.expect("request sent");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("FHIR JSON response"))
+    }
+
+    /// Loads the Synthea fixtures in server order; panics on any failure.
+    pub async fn load_synthea(&self, files: &[PathBuf]) {
+        for f in files {
+            let (status, body) = self.post("", std::fs::read(f).expect("fixture")).await;
+            assert_eq!(status, 200, "{} must ingest: {body}", f.display());
+            for e in body["entry"].as_array().into_iter().flatten() {
+                let s = e["response"]["status"].as_str().unwrap_or("");
+                assert!(s.starts_with("200") || s.starts_with("201"), "{}: entry failed: {e}", f.display());
+            }
+        }
+    }
+}
+
+/// Row counts of the tables ingest writes, to prove a rejection stored nothing.
+pub async fn table_counts(pool: &sqlx::PgPool) -> [i64; 4] {
+    let mut out = [0; 4];
+    for (i, t) in ["resource", "resource_history", "patient_event", "resource_identifier"].iter().enumerate() {
+        out[i] = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select count(*) from {t}"))).fetch_one(pool).await.expect("count");
+    }
+    out
+}

@@ -181,6 +181,9 @@ impl FhirError {
     /// The HTTP status a REST face answers with.
     pub fn http_status(&self) -> u16 {
         match self.code() {
+            // A located not-found is content that points nowhere (a broken reference): 400.
+            // An unlocated one is the addressed resource itself: 404.
+            IssueCode::NotFound if self.issues.first().is_some_and(|i| i.expression.is_some()) => 400,
             IssueCode::NotFound => 404,
             IssueCode::TooLong => 413,
             IssueCode::MultipleMatches => 412,

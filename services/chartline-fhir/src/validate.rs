@@ -161,6 +161,8 @@ fn walk(v: &Value, ty: &str, path: &mut String, limits: &Limits, issues: &mut Ve
                 );
             } else if s.trim().is_empty() {
                 issues.push(Issue::error(IssueCode::Invalid, "string values must have non-whitespace content").at(path.clone()));
+            } else if s.chars().any(|c| c.is_control() && !matches!(c, '\r' | '\n' | '\t')) {
+                issues.push(Issue::error(IssueCode::Invalid, "strings must not contain control characters other than CR, LF and TAB").at(path.clone()));
             } else if limits.reject_html_in_strings && looks_like_html(s) {
                 issues.push(Issue::error(IssueCode::Invalid, "string contains embedded HTML tags, rejected by the security checks").at(path.clone()));
             }

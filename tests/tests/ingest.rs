@@ -1,0 +1,347 @@
+//! Ingest end to end: the real servers over a fresh PostgreSQL database per test.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chartline_fhir::Limits;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tests::{read_json, start_server, synthea_bundles, table_counts};
+
+fn patient_bundle(id_prefix: &str) -> std::path::PathBuf {
+    synthea_bundles()
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(id_prefix)))
+        .expect("fixture patient exists")
+}
+
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn every_synthea_bundle_ingests_and_type_counts_match_the_bundles(pool: PgPool) {
+    let server = start_server(pool.clone(), Limits::default()).await;
+    let files = synthea_bundles();
+    server.load_synthea(&files).await;
+
+    // One resource per distinct (type, fullUrl): the two SMART patients share a Practitioner
+    // (same urn:uuid, same content), which is one resource, not two.
+    let mut seen = HashSet::new();
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for f in &files {
+        for e in read_json(f)["entry"].as_array().expect("entries") {
+            let ty = e["resource"]["resourceType"].as_str().expect("type").to_owned();
+            if seen.insert((ty.clone(), e["fullUrl"].as_str().expect("fullUrl").to_owned())) {
+                *expected.entry(ty).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(seen.len(), 16_490, "the fixture set as shipped");
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("select resource_type, count(*) from resource group by 1").fetch_all(&pool).await.expect("counts");
+    let stored: BTreeMap<String, i64> = rows.into_iter().collect();
+    assert_eq!(stored, expected, "every resource of every Bundle is stored once");
+
+    let versions: i64 = sqlx::query_scalar("select count(*) from resource_history").fetch_one(&pool).await.expect("count");
+    assert_eq!(versions, expected.values().sum::<i64>(), "one version each after a first load");
+    let events: i64 = sqlx::query_scalar("select count(*) from patient_event").fetch_one(&pool).await.expect("count");
+    assert!(events > 10_000, "the timeline index is filled ({events} rows)");
+    let log: Vec<(String, String)> =
+        sqlx::query_as("select kind, outcome from ingest_log order by id").fetch_all(&pool).await.expect("log");
+    assert_eq!(log.len(), files.len(), "one ingest log row per Bundle");
+    assert_eq!(&log[0], &("batch".to_owned(), "stored".to_owned()));
+    assert!(log[2..].iter().all(|(k, o)| k == "transaction" && o == "stored"));
+    server.running.stop().await.expect("clean shutdown");
+}
+
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn everything_returns_every_resource_of_the_patient(pool: PgPool) {
+    let server = start_server(pool.clone(), Limits::default()).await;
+    let files = synthea_bundles();
+    let patient = patient_bundle("4b86befa");
+    server.load_synthea(&[files[0].clone(), files[1].clone(), patient.clone()]).await;
+
+    let (status, everything) = server.get("/Patient/4b86befa-fa7e-9285-615f-e081dab3f93c/$everything").await;
+    assert_eq!(status, 200);
+    let got: HashSet<(String, String)> = everything["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| (e["resource"]["resourceType"].as_str().unwrap_or("").to_owned(), e["resource"]["id"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    let bundle = read_json(&patient);
+    let entries = bundle["entry"].as_array().expect("entries");
+    assert_eq!(entries.len(), 3177, "the largest fixture patient");
+    for e in entries {
+        let key = (e["resource"]["resourceType"].as_str().unwrap_or("").to_owned(), e["resource"]["id"].as_str().unwrap_or("").to_owned());
+        assert!(got.contains(&key), "$everything is missing {key:?}");
+    }
+    // Conditional references were resolved to the practitioners and organizations loaded first.
+    assert!(got.iter().any(|(t, _)| t == "Practitioner"), "referenced practitioners are included");
+    let (_, enc) = server.get(&format!("/Encounter/{}", entries.iter().find(|e| e["resource"]["resourceType"] == "Encounter").expect("an encounter")["resource"]["id"].as_str().unwrap_or(""))).await;
+    let practitioner_ref = enc["participant"][0]["individual"]["reference"].as_str().expect("resolved reference");
+    assert!(practitioner_ref.starts_with("Practitioner/") && !practitioner_ref.contains('?'), "conditional reference rewritten: {practitioner_ref}");
+    assert_eq!(enc["subject"]["reference"], "Patient/4b86befa-fa7e-9285-615f-e081dab3f93c", "urn:uuid rewritten to the assigned id");
+    assert_eq!(enc["meta"]["versionId"], "1");
+
+    let (status, _) = server.get("/Patient/no-such-patient/$everything").await;
+    assert_eq!(status, 404, "unknown patient");
+}
+
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn resending_identical_content_creates_no_new_version_and_a_change_creates_one(pool: PgPool) {
+    let server = start_server(pool.clone(), Limits::default()).await;
+    let files = synthea_bundles();
+    let patient = patient_bundle("098fc002");
+    server.load_synthea(&[files[0].clone(), files[1].clone(), patient.clone()]).await;
+    let before = table_counts(&pool).await;
+
+    let (status, resp) = server.post("", std::fs::read(&patient).expect("fixture")).await;
+    assert_eq!(status, 200);
+    assert!(resp["entry"].as_array().expect("entries").iter().all(|e| e["response"]["status"] == "200 OK"));
+    assert_eq!(table_counts(&pool).await, before, "an identical re-send writes nothing");
+
+    // PUT a changed Patient: version 2; PUT it again: still version 2.
+    let (_, mut p) = server.get("/Patient/098fc002-b87e-49dc-4b8e-8900a1bc8661").await;
+    p["gender"] = json!(if p["gender"] == "male" { "female" } else { "male" });
+    let put = |body: Value| {
+        let http = server.http.clone();
+        let url = format!("{}/Patient/098fc002-b87e-49dc-4b8e-8900a1bc8661", server.fhir);
+        async move {
+            let r = http.put(url).header("content-type", "application/fhir+json").json(&body).send().await.expect("sent");
+            (r.status().as_u16(), r.headers().get("etag").map(|v| v.to_str().unwrap_or("").to_owned()))
+        }
+    };
+    assert_eq!(put(p.clone()).await, (200, Some("W/\"2\"".to_owned())));
+    assert_eq!(put(p.clone()).await, (200, Some("W/\"2\"".to_owned())), "same content again: no version 3");
+    let (status, history) = server.get("/Patient/098fc002-b87e-49dc-4b8e-8900a1bc8661/_history").await;
+    assert_eq!(status, 200);
+    assert_eq!(history["total"], 2);
+    let (status, v1) = server.get("/Patient/098fc002-b87e-49dc-4b8e-8900a1bc8661/_history/1").await;
+    assert_eq!(status, 200);
+    assert_ne!(v1["gender"], p["gender"], "version 1 keeps the original content");
+}
+
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn a_transaction_failing_half_way_leaves_the_database_unchanged(pool: PgPool) {
+    let server = start_server(pool.clone(), Limits::default()).await;
+    let files = synthea_bundles();
+    server.load_synthea(&files[..2]).await;
+    let before = table_counts(&pool).await;
+
+    // The last entry references a urn that no entry carries: everything before it must go too.
+    let mut bundle = read_json(&patient_bundle("098fc002"));
+    let n = bundle["entry"].as_array().expect("entries").len();
+    bundle["entry"][n - 1]["resource"]["target"] = json!([{"reference": "urn:uuid:00000000-0000-0000-0000-000000000000"}]);
+    let (status, oo) = server.post("", serde_json::to_vec(&bundle).expect("json")).await;
+    assert_eq!(status, 400, "{oo}");
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+    assert_eq!(oo["issue"][0]["code"], "not-found");
+    assert!(oo["issue"][0]["expression"][0].as_str().unwrap_or("").starts_with(&format!("Bundle.entry[{}]", n - 1)));
+    assert_eq!(table_counts(&pool).await, before, "nothing of the failed transaction is stored");
+
+    // A value PostgreSQL itself refuses (NUL in a string) is caught before the database.
+    let mut bundle = read_json(&patient_bundle("098fc002"));
+    bundle["entry"][n - 1]["resource"]["id"] = json!("x");
+    bundle["entry"][3]["resource"]["status"] = json!("final\u{0}");
+    let (status, oo) = server.post("", serde_json::to_vec(&bundle).expect("json")).await;
+    assert_eq!(status, 400, "{oo}");
+    assert_eq!(table_counts(&pool).await, before);
+    let rejected: i64 = sqlx::query_scalar("select count(*) from ingest_log where outcome = 'rejected'").fetch_one(&pool).await.expect("count");
+    assert_eq!(rejected, 2, "rejections are logged");
+}
+
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn concurrent_overlapping_bundles_lose_nothing_and_duplicate_nothing(pool: PgPool) {
+    let server = start_server(pool.clone(), Limits::default()).await;
+    let files = synthea_bundles();
+    server.load_synthea(&files[..2]).await;
+    let patients: Vec<_> = files[2..6].to_vec();
+    let mut tasks = Vec::new();
+    for k in 0..4 {
+        let mut order = patients.clone();
+        order.rotate_left(k);
+        let (http, url) = (server.http.clone(), server.fhir.clone());
+        tasks.push(tokio::spawn(async move {
+            for f in order {
+                let r = http.post(&url).header("content-type", "application/fhir+json").body(std::fs::read(&f).expect("fixture")).send().await.expect("sent");
+                assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap_or_default());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let expected: i64 = patients.iter().map(|f| read_json(f)["entry"].as_array().map_or(0, Vec::len) as i64).sum::<i64>() + 388 + 390;
+    let resources: i64 = sqlx::query_scalar("select count(*) from resource").fetch_one(&pool).await.expect("count");
+    let versions: i64 = sqlx::query_scalar("select count(*) from resource_history").fetch_one(&pool).await.expect("count");
+    assert_eq!(resources, expected, "no resource lost or duplicated");
+    assert_eq!(versions, expected, "identical concurrent sends make no extra versions");
+    let dup_events: i64 = sqlx::query_scalar(
+        "select count(*) from (select resource_type, resource_id, component from patient_event group by 1, 2, 3 having count(*) > 1) d",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(dup_events, 0, "the timeline index holds each fact once");
+}
+
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn bad_input_gets_a_clear_operation_outcome_and_stores_nothing(pool: PgPool) {
+    let limits = Limits { max_bytes: 2 * 1024 * 1024, max_depth: 32, ..Limits::default() };
+    let server = start_server(pool.clone(), limits).await;
+    let files = synthea_bundles();
+    server.load_synthea(&files[..2]).await;
+    let before = table_counts(&pool).await;
+    let deep = format!("{{\"resourceType\":\"Patient\",\"extension\":{}{}}}", "[{\"extension\":".repeat(40), "[]}]".repeat(40));
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        ("malformed JSON", "/Patient", b"{\"resourceType\": \"Patient\",".to_vec(), 400, "invalid"),
+        ("missing resourceType", "/Patient", br#"{"id": "a"}"#.to_vec(), 400, "required"),
+        ("unknown resourceType", "", br#"{"resourceType": "Patientt"}"#.to_vec(), 400, "invalid"),
+        ("invalid id", "/Patient", br#"{"resourceType": "Patient", "id": "bad_id!"}"#.to_vec(), 400, "invalid"),
+        ("invalid date", "/Patient", br#"{"resourceType": "Patient", "birthDate": "1999-02-30x"}"#.to_vec(), 400, "invalid"),
+        ("invalid base64", "/Binary", br#"{"resourceType": "Binary", "contentType": "text/plain", "data": "%%%"}"#.to_vec(), 400, "invalid"),
+        ("array where an object belongs", "/Patient", br#"{"resourceType": "Patient", "maritalStatus": [{"text": "x"}]}"#.to_vec(), 400, "invalid"),
+        ("object where an array belongs", "/Patient", br#"{"resourceType": "Patient", "name": {"family": "x"}}"#.to_vec(), 400, "invalid"),
+        ("unknown element", "/Patient", br#"{"resourceType": "Patient", "favouriteColour": "blue"}"#.to_vec(), 400, "structure"),
+        ("nesting too deep", "/Patient", deep.into_bytes(), 400, "too-costly"),
+        ("payload too large", "/Patient", format!("{{\"resourceType\":\"Patient\",\"id\":\"{}\"}}", "a".repeat(3 * 1024 * 1024)).into_bytes(), 413, "too-long"),
+        ("type differs from URL", "/Observation", br#"{"resourceType": "Patient"}"#.to_vec(), 400, "invalid"),
+        ("a Bundle that is not a transaction or batch", "", br#"{"resourceType": "Bundle", "type": "collection"}"#.to_vec(), 422, "not-supported"),
+        ("a transaction with a reference to nothing", "", serde_json::to_vec(&json!({
+            "resourceType": "Bundle", "type": "transaction", "entry": [{
+                "fullUrl": "urn:uuid:8f5b1c1e-1b0a-4c4f-9a55-000000000001",
+                "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/does-not-exist"}},
+                "request": {"method": "POST", "url": "Observation"}}]})).expect("json"), 400, "not-found"),
+        ("a conditional reference matching several resources", "", serde_json::to_vec(&json!({
+            "resourceType": "Bundle", "type": "transaction", "entry": [{
+                "fullUrl": "urn:uuid:8f5b1c1e-1b0a-4c4f-9a55-000000000002",
+                "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                             "performer": [{"reference": "Organization?identifier=https://github.com/synthetichealth/synthea|"}]},
+                "request": {"method": "POST", "url": "Observation"}}]})).expect("json"), 400, "not-found"),
+    ];
+    for (what, path, body, status, code) in cases {
+        let (got, oo) = server.post(path, body).await;
+        assert_eq!(got, status, "{what}: HTTP status; outcome {oo}");
+        assert_eq!(oo["resourceType"], "OperationOutcome", "{what}");
+        assert_eq!(oo["issue"][0]["code"], code, "{what}: issue code; outcome {oo}");
+        assert!(oo["issue"][0]["diagnostics"].as_str().is_some_and(|d| !d.is_empty()), "{what}: says why");
+    }
+    assert_eq!(table_counts(&pool).await, before, "no bad input stored anything");
+
+    // Two stored Organizations with one identifier: a conditional reference to it is ambiguous.
+    for id in ["org-a", "org-b"] {
+        let body = json!({"resourceType": "Organization", "id": id, "identifier": [{"system": "urn:test", "value": "dup"}]});
+        let r = server.http.put(format!("{}/Organization/{id}", server.fhir)).json(&body).send().await.expect("sent");
+        assert_eq!(r.status().as_u16(), 201);
+    }
+    let ambiguous = json!({"resourceType": "Bundle", "type": "transaction", "entry": [{
+        "fullUrl": "urn:uuid:8f5b1c1e-1b0a-4c4f-9a55-000000000003",
+        "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                     "performer": [{"reference": "Organization?identifier=urn:test|dup"}]},
+        "request": {"method": "POST", "url": "Observation"}}]});
+    let (status, oo) = server.post("", serde_json::to_vec(&ambiguous).expect("json")).await;
+    assert_eq!(status, 412, "{oo}");
+    assert_eq!(oo["issue"][0]["code"], "multiple-matches");
+}
+
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn reads_answer_with_versions_and_clear_errors(pool: PgPool) {
+    let server = start_server(pool.clone(), Limits::default()).await;
+    let body = json!({"resourceType": "Patient", "gender": "female", "birthDate": "1970"});
+    let r = server.http.post(format!("{}/Patient", server.fhir)).json(&body).send().await.expect("sent");
+    assert_eq!(r.status().as_u16(), 201);
+    let location = r.headers().get("location").and_then(|v| v.to_str().ok()).expect("Location header").to_owned();
+    let created: Value = r.json().await.expect("json");
+    let id = created["id"].as_str().expect("assigned id");
+    assert_eq!(location, format!("/fhir/Patient/{id}/_history/1"));
+    assert_eq!(created["meta"]["versionId"], "1");
+    let (status, _) = server.get(&format!("/Patient/{id}/_history/7")).await;
+    assert_eq!(status, 404);
+    let (status, oo) = server.get("/Patient/bad_id!").await;
+    assert_eq!((status, oo["issue"][0]["code"].as_str()), (400, Some("invalid")));
+    let (status, _) = server.get("/NotAType/1").await;
+    assert_eq!(status, 404);
+    let (status, cs) = server.get("/metadata").await;
+    assert_eq!(status, 200);
+    assert_eq!(cs["fhirVersion"], "4.0.1");
+    assert!(cs["rest"][0]["interaction"].as_array().expect("interactions").iter().any(|i| i["code"] == "transaction"));
+}
+
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn ndjson_import_stores_good_lines_and_reports_bad_ones_by_line(pool: PgPool) {
+    let server = start_server(pool.clone(), Limits::default()).await;
+    let files = synthea_bundles();
+    let patient = patient_bundle("4b86befa");
+    server.load_synthea(&[files[0].clone(), files[1].clone(), patient]).await;
+    let (_, everything) = server.get("/Patient/4b86befa-fa7e-9285-615f-e081dab3f93c/$everything").await;
+    let mut lines: Vec<String> = everything["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| serde_json::to_string(&e["resource"]).expect("json"))
+        .collect();
+    let total = lines.len();
+    lines.insert(10, "{\"resourceType\": \"Patient\", \"id\": \"broken\"".to_owned());
+    let mut changed: Value = serde_json::from_str(&lines[5]).expect("json");
+    changed["meta"]["tag"] = json!([{"system": "urn:test", "code": "reimported"}]);
+    lines[5] = serde_json::to_string(&changed).expect("json");
+    let ndjson = lines.join("\n") + "\n";
+    assert!(ndjson.len() > 3_000_000, "several MB of NDJSON");
+
+    let r = server.http.post(format!("{}/$import", server.fhir)).header("content-type", "application/fhir+ndjson").body(ndjson).send().await.expect("sent");
+    assert_eq!(r.status().as_u16(), 200);
+    let oo: Value = r.json().await.expect("json");
+    let summary = oo["issue"][0]["diagnostics"].as_str().expect("summary");
+    assert_eq!(summary, format!("created 0, updated 1, unchanged {}, rejected 1", total - 1), "{oo}");
+    assert_eq!(oo["issue"][1]["expression"][0], "line 11");
+}
+
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn grpc_ingest_streams_ndjson_and_returns_operation_outcomes_in_status_details(pool: PgPool) {
+    use chartline_proto::v1::ingest_service_client::IngestServiceClient;
+    use chartline_proto::v1::{IngestBundleRequest, NdjsonChunk, Source};
+
+    let server = start_server(pool.clone(), Limits::default()).await;
+    let mut client = IngestServiceClient::connect(server.grpc.clone()).await.expect("connect");
+
+    // A bad Bundle: INVALID_ARGUMENT with the OperationOutcome JSON in the details.
+    let err = client
+        .ingest_bundle(IngestBundleRequest { bundle_json: b"{\"resourceType\": \"Bundle\", \"type\": \"transaction\", \"entry\": [{}]}".to_vec().into(), source: None })
+        .await
+        .expect_err("must be rejected");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let oo: Value = serde_json::from_slice(err.details()).expect("OperationOutcome in details");
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+
+    // The hospital batch Bundle over gRPC, then NDJSON in chunks that split lines.
+    let files = synthea_bundles();
+    let resp = client
+        .ingest_bundle(IngestBundleRequest { bundle_json: std::fs::read(&files[0]).expect("fixture").into(), source: Some(Source { sender: "ehr-test".into() }) })
+        .await
+        .expect("batch ingests")
+        .into_inner();
+    assert_eq!(resp.counts.expect("counts").created, 388);
+    let lines: Vec<String> = (0..50)
+        .map(|i| json!({"resourceType": "Patient", "id": format!("nd-{i}"), "gender": "unknown"}).to_string())
+        .chain(std::iter::once("not json".to_owned()))
+        .collect();
+    let data = lines.join("\n").into_bytes();
+    let chunks: Vec<NdjsonChunk> = data
+        .chunks(37)
+        .enumerate()
+        .map(|(i, c)| NdjsonChunk { data: c.to_vec().into(), source: (i == 0).then(|| Source { sender: "ehr-test".into() }) })
+        .collect();
+    let resp = client.ingest_ndjson(futures::stream::iter(chunks)).await.expect("ndjson").into_inner();
+    let counts = resp.counts.expect("counts");
+    assert_eq!((counts.created, counts.rejected), (50, 1));
+    assert_eq!(resp.errors[0].line, 51);
+    let sender: String = sqlx::query_scalar("select sender from ingest_log where kind = 'ndjson'").fetch_one(&pool).await.expect("log row");
+    assert_eq!(sender, "ehr-test");
+
+    // Health and reflection answer.
+    let channel = tonic::transport::Channel::from_shared(server.grpc.clone()).expect("uri").connect().await.expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "chartline.v1.IngestService".into() })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(status.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+}
