@@ -200,6 +200,35 @@ impl Store {
         Ok(())
     }
 
+    /// The ingest benchmark's floor: a bare `COPY` of JSON documents into a one-column
+    /// jsonb table (created fresh, dropped after). Returns the documents copied.
+    pub async fn copy_jsonb_floor(&self, docs: &[String]) -> Result<u64, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("drop table if exists bench_copy_floor").execute(&mut *conn).await?;
+        sqlx::query("create table bench_copy_floor (content jsonb not null)").execute(&mut *conn).await?;
+        let mut copy = conn.copy_in_raw("copy bench_copy_floor (content) from stdin").await?;
+        let mut buf = Vec::with_capacity(1 << 20);
+        for d in docs {
+            // COPY text format: backslash is the escape character; compact JSON has no raw newlines.
+            for b in d.bytes() {
+                if b == b'\\' {
+                    buf.push(b'\\');
+                }
+                buf.push(b);
+            }
+            buf.push(b'\n');
+            if buf.len() >= 1 << 20 {
+                copy.send(std::mem::take(&mut buf)).await?;
+            }
+        }
+        if !buf.is_empty() {
+            copy.send(buf).await?;
+        }
+        let n = copy.finish().await?;
+        sqlx::query("drop table bench_copy_floor").execute(&mut *conn).await?;
+        Ok(n)
+    }
+
     /// Records an ingest that stored nothing (rejected before or during its transaction).
     pub async fn log_rejection(&self, record: &crate::IngestRecord, issues: &Value) -> Result<(), StoreError> {
         sqlx::query(

@@ -29,6 +29,8 @@ pub enum Command {
     /// Start everything in one process, ingest the shipped fixture patients over the wire,
     /// and print what was stored.
     Demo(DemoArgs),
+    /// Measure ingest throughput over FHIR REST against a bare COPY floor (empty database).
+    BenchIngest(BenchIngestArgs),
 }
 
 /// The database.
@@ -132,6 +134,20 @@ pub struct DemoArgs {
     /// The patient to show.
     #[arg(long, default_value = "4b86befa-fa7e-9285-615f-e081dab3f93c")]
     pub patient: String,
+}
+
+/// `chartline bench-ingest`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchIngestArgs {
+    /// Database (must be empty: the benchmark measures first loads).
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The fixture folder holding Synthea Bundles.
+    #[arg(long, default_value = "../shared/fixtures/synthea/blaze-synthea-2.7.0")]
+    pub fixtures: PathBuf,
+    /// Concurrent HTTP clients sending patient Bundles.
+    #[arg(long, default_value_t = 2)]
+    pub clients: usize,
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! commands. `main.rs` only parses the command line and calls in here, so the end-to-end
 //! tests start exactly what an operator starts.
 
+pub mod bench;
 pub mod config;
 pub mod ingest_cli;
 pub mod server;

@@ -1,0 +1,91 @@
+//! `chartline bench-ingest`: ingest throughput over the FHIR REST face, measured in the same
+//! run against the floor of a bare `COPY` of the same resources' JSON into a jsonb column.
+//! Run it against an empty database (scripts/bench-ingest.sh makes one).
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+use crate::config::BenchIngestArgs;
+
+/// Runs the benchmark and prints a Markdown table.
+pub async fn run(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
+    let store = crate::server::open_store(&args.db).await?;
+    let files = crate::ingest_cli::collect_files(std::slice::from_ref(&args.fixtures))?;
+    let mut bodies = Vec::with_capacity(files.len());
+    let mut docs = Vec::new();
+    for f in &files {
+        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        let v: Value = serde_json::from_slice(&bytes)?;
+        for e in v["entry"].as_array().into_iter().flatten() {
+            docs.push(serde_json::to_string(&e["resource"])?);
+        }
+        bodies.push(bytes);
+    }
+    let resources = docs.len();
+    let mb: f64 = bodies.iter().map(|b| b.len()).sum::<usize>() as f64 / 1e6;
+
+    // Validation alone, in this process: the CPU floor of the Rust side.
+    let limits = chartline_fhir::Limits::default();
+    let t = Instant::now();
+    for b in &bodies {
+        let v = chartline_fhir::parse_json(b, &limits).map_err(|e| anyhow::anyhow!("{e}"))?;
+        chartline_fhir::validate_resource(&v, &limits).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let validate_s = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let copied = store.copy_jsonb_floor(&docs).await?;
+    let copy_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(copied as usize == resources, "COPY stored {copied} of {resources} documents");
+
+    let running = crate::server::start(
+        store,
+        limits,
+        TcpListener::bind("127.0.0.1:0").await?,
+        TcpListener::bind("127.0.0.1:0").await?,
+    )
+    .await?;
+    let url = format!("http://{}/fhir", running.http_addr);
+    let client = reqwest::Client::new();
+    let post = |body: Vec<u8>| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = client.post(url).header("content-type", "application/fhir+json").body(body).send().await?;
+            anyhow::ensure!(r.status().is_success(), "HTTP {}", r.status());
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    let t = Instant::now();
+    // Batch Bundles first (their conditional references are what patients resolve against).
+    let (first, patients) = bodies.split_at(2.min(bodies.len()));
+    for b in first {
+        post(b.clone()).await?;
+    }
+    let mut next = patients.iter();
+    let clients = args.clients.max(1);
+    loop {
+        let round: Vec<_> = next.by_ref().take(clients).cloned().map(&post).collect();
+        if round.is_empty() {
+            break;
+        }
+        for r in futures::future::join_all(round).await {
+            r?;
+        }
+    }
+    let rest_s = t.elapsed().as_secs_f64();
+    running.stop().await?;
+
+    let floor = resources as f64 / copy_s;
+    let rest = resources as f64 / rest_s;
+    println!("| measure | seconds | resources/s | MB/s |");
+    println!("|---|---:|---:|---:|");
+    println!("| floor: COPY of the {resources} resources' JSON into one jsonb column | {copy_s:.2} | {floor:.0} | {:.1} |", mb / copy_s);
+    println!("| Chartline: {} Bundles over FHIR REST, {clients} concurrent client(s) | {rest_s:.2} | {rest:.0} | {:.1} |", files.len(), mb / rest_s);
+    println!("| (parse + validate alone, in process, no database) | {validate_s:.2} | {:.0} | {:.1} |", resources as f64 / validate_s, mb / validate_s);
+    println!("\nratio Chartline / floor = {:.2}", rest / floor);
+    Ok(ExitCode::SUCCESS)
+}
