@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.bytes(["."]);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("chartline_descriptor.bin"))
-        .compile_with_config(config, &protos, &[root.clone()])?;
+        .compile_with_config(config, &protos, &[root.clone(), protoc_bin_vendored::include_path()?])?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())
 }

@@ -11,6 +11,14 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
 }
 
+/// The models folder (`CHARTLINE_MODELS_DIR`, default `<repo>/models`).
+pub fn models_dir() -> PathBuf {
+    match std::env::var("CHARTLINE_MODELS_DIR") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../models"),
+    }
+}
+
 /// The JSON files directly inside a fixture folder, sorted.
 pub fn json_files(dir: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures().join(dir))
@@ -59,7 +67,10 @@ pub async fn start_server(pool: sqlx::PgPool, limits: chartline_fhir::Limits) ->
     let store = chartline_store::Store::from_pool(pool);
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
-    let running = chartline::server::start(store, limits, grpc, http).await.expect("servers start");
+    let counter = chartline::tokens::ModelTokenCounter::load(&models_dir().join("gemma3-270m/gemma-3-270m-q4_k_m.gguf"))
+        .expect("the embedded model's tokenizer (run scripts/install-models.sh)");
+    let services = chartline::server::Services { store, limits, counter };
+    let running = chartline::server::start(services, grpc, http).await.expect("servers start");
     TestServer {
         fhir: format!("http://{}/fhir", running.http_addr),
         grpc: format!("http://{}", running.grpc_addr),

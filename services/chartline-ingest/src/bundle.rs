@@ -122,28 +122,65 @@ impl Ingestor {
         })
     }
 
+    /// A batch: entries succeed or fail one by one. They share one database transaction with
+    /// a savepoint per entry (one commit instead of one per entry); a failing entry rolls
+    /// back to its savepoint only. A deadlock retries the whole batch, which nothing saw yet.
     async fn batch(&self, entries: Vec<Result<Entry, FhirError>>, record: &IngestRecord) -> Result<BundleResponse, IngestError> {
-        let ingest_id = self.store.open_ingest(record).await?;
+        let mut attempt = 0;
+        loop {
+            match self.batch_once(&entries, record).await {
+                Err(IngestError::Store(e)) if e.is_retryable() && attempt + 1 < RETRIES => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn batch_once(&self, entries: &[Result<Entry, FhirError>], record: &IngestRecord) -> Result<BundleResponse, IngestError> {
+        let mut tx = self.store.begin().await?;
+        let ingest_id = tx.log_ingest(record).await?;
         let mut known = HashMap::new();
         let mut counts = Counts::default();
         let mut out = Vec::with_capacity(entries.len());
         let mut issues = Vec::new();
+        let mut writes = Vec::new();
         for entry in entries {
             let result = match entry {
-                Ok(e) => self.batch_entry(e, &mut known, ingest_id).await,
-                Err(f) => Err(IngestError::Invalid(f)),
+                Ok(e) => {
+                    tx.savepoint().await?;
+                    let mut local = known.clone();
+                    let policy = Policy { literal_refs_must_exist: false };
+                    match apply(&mut tx, vec![e.clone()], &mut local, &policy, Some(ingest_id)).await {
+                        Ok(r) => {
+                            tx.release_savepoint().await?;
+                            known = local;
+                            Ok(r)
+                        }
+                        Err(IngestError::Store(s)) => return Err(IngestError::Store(s)),
+                        Err(err) => {
+                            tx.rollback_to_savepoint().await?;
+                            Err(err)
+                        }
+                    }
+                }
+                Err(f) => Err(IngestError::Invalid(f.clone())),
             };
             match result {
                 Ok(results) => {
                     for r in &results {
                         if let Some(o) = r.outcome {
                             counts.record(o);
+                            writes.push(chartline_store::WriteResult {
+                                resource_type: r.resource_type.clone(),
+                                id: r.id.clone(),
+                                version_id: r.version_id,
+                                last_updated: r.last_updated.unwrap_or_default(),
+                                outcome: o,
+                            });
                         }
                         out.push(response_entry(r));
                     }
                 }
                 Err(e) => {
-                    let e = e.logged();
                     counts.rejected += 1;
                     let oo = e.to_operation_outcome();
                     issues.extend(oo["issue"].as_array().cloned().unwrap_or_default());
@@ -152,31 +189,10 @@ impl Ingestor {
             }
         }
         let issues = (!issues.is_empty()).then(|| json!({"resourceType": "OperationOutcome", "issue": issues}));
-        self.store.close_ingest(ingest_id, counts.as_i32(), issues.as_ref()).await?;
+        tx.finish_ingest(ingest_id, &writes, i32::try_from(counts.rejected).unwrap_or(i32::MAX), issues.as_ref()).await?;
+        tx.commit().await?;
         tracing::info!(created = counts.created, updated = counts.updated, unchanged = counts.unchanged, rejected = counts.rejected, "batch processed");
         Ok(BundleResponse { bundle: json!({"resourceType": "Bundle", "type": "batch-response", "entry": out}), counts })
-    }
-
-    async fn batch_entry(
-        &self,
-        e: Entry,
-        known: &mut HashMap<String, (String, String)>,
-        ingest_id: i64,
-    ) -> Result<Vec<EntryResult>, IngestError> {
-        let mut attempt = 0;
-        loop {
-            let mut tx = self.store.begin().await?;
-            let mut local = known.clone();
-            match apply(&mut tx, vec![e.clone()], &mut local, &Policy { literal_refs_must_exist: false }, Some(ingest_id)).await {
-                Ok(r) => {
-                    tx.commit().await?;
-                    *known = local;
-                    return Ok(r);
-                }
-                Err(IngestError::Store(s)) if s.is_retryable() && attempt + 1 < RETRIES => attempt += 1,
-                Err(err) => return Err(err),
-            }
-        }
     }
 }
 

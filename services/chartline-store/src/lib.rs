@@ -4,6 +4,7 @@
 
 mod error;
 mod read;
+mod timeline;
 mod write;
 
 use sqlx::PgPool;
@@ -11,6 +12,7 @@ use sqlx::postgres::PgPoolOptions;
 
 pub use error::StoreError;
 pub use read::{IngestLogEntry, StoredResource};
+pub use timeline::{EventFilter, EventRow};
 pub use write::{IngestRecord, ResourceWrite, StoreTx, WriteOutcome, WriteResult};
 
 /// The embedded migrations (`migrations/` at the repository root).
@@ -20,18 +22,29 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations"
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    summary_debounce: chrono::Duration,
 }
+
+/// How long a patient's summary job waits after the last change (a Bundle often arrives in
+/// several requests; one summary after the burst, not one per request).
+pub const DEFAULT_SUMMARY_DEBOUNCE: chrono::Duration = chrono::Duration::seconds(5);
 
 impl Store {
     /// Connects to `database_url` with a pool of at most `max_connections`.
     pub async fn connect(database_url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new().max_connections(max_connections).connect(database_url).await?;
-        Ok(Store { pool })
+        Ok(Store { pool, summary_debounce: DEFAULT_SUMMARY_DEBOUNCE })
+    }
+
+    /// Sets the summary-job debounce.
+    pub fn with_summary_debounce(mut self, debounce: chrono::Duration) -> Self {
+        self.summary_debounce = debounce;
+        self
     }
 
     /// Wraps an existing pool (tests get one from `#[sqlx::test]`).
     pub fn from_pool(pool: PgPool) -> Self {
-        Store { pool }
+        Store { pool, summary_debounce: DEFAULT_SUMMARY_DEBOUNCE }
     }
 
     /// The pool, for crates that add their own tables through this one later.
@@ -47,6 +60,6 @@ impl Store {
 
     /// Starts a write transaction.
     pub async fn begin(&self) -> Result<StoreTx, StoreError> {
-        Ok(StoreTx::new(self.pool.begin().await?))
+        Ok(StoreTx::new(self.pool.begin().await?, self.summary_debounce))
     }
 }

@@ -87,6 +87,7 @@ pub struct IngestRecord {
 pub struct StoreTx {
     tx: Transaction<'static, Postgres>,
     now: DateTime<Utc>,
+    debounce: chrono::Duration,
 }
 
 struct Current {
@@ -97,11 +98,11 @@ struct Current {
 }
 
 impl StoreTx {
-    pub(crate) fn new(tx: Transaction<'static, Postgres>) -> Self {
+    pub(crate) fn new(tx: Transaction<'static, Postgres>, debounce: chrono::Duration) -> Self {
         // Postgres keeps microseconds; truncating here keeps meta.lastUpdated and the row equal.
         let now = Utc::now();
         let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
-        StoreTx { tx, now }
+        StoreTx { tx, now, debounce }
     }
 
     /// The transaction's timestamp, used as `lastUpdated` for everything it writes.
@@ -346,6 +347,10 @@ impl StoreTx {
 
         self.insert_identifiers(&writes, &changed).await?;
         self.insert_events(&writes, &changed).await?;
+        let mut patients: Vec<&str> = changed.iter().filter_map(|&(i, _)| writes[i].patient_id.as_deref()).collect();
+        patients.sort_unstable();
+        patients.dedup();
+        self.enqueue_summaries(&patients).await?;
         Ok(results)
     }
 
@@ -482,7 +487,7 @@ impl StoreTx {
         let count = |o: WriteOutcome| results.iter().filter(|r| r.outcome == o).count() as i32;
         sqlx::query(
             "update ingest_log set created = $2, updated = $3, unchanged = $4, rejected = $5, issues = $6,
-                outcome = case when $5 > 0 then 'partial' else 'stored' end
+                outcome = case when $5 = 0 then 'stored' when $2 + $3 + $4 = 0 then 'rejected' else 'partial' end
              where id = $1",
         )
         .bind(ingest_id)
@@ -493,6 +498,43 @@ impl StoreTx {
         .bind(issues.map(sqlx::types::Json))
         .execute(&mut *self.tx)
         .await?;
+        Ok(())
+    }
+
+    /// Enqueues (or pushes back, debouncing) a summary job for each patient whose data
+    /// changed, in this transaction: the job exists exactly when the data does.
+    pub async fn enqueue_summaries(&mut self, patients: &[&str]) -> Result<(), StoreError> {
+        if patients.is_empty() {
+            return Ok(());
+        }
+        let not_before = self.now + self.debounce;
+        sqlx::query(
+            "insert into summary_job (patient_id, not_before) select p, $2 from unnest($1::text[]) as p order by p
+             on conflict (patient_id) do update
+             set generation = summary_job.generation + 1, enqueued_at = now(), not_before = excluded.not_before",
+        )
+        .bind(patients)
+        .bind(not_before)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a point to roll back to (a batch entry that fails undoes only itself).
+    pub async fn savepoint(&mut self) -> Result<(), StoreError> {
+        sqlx::query("savepoint chartline_entry").execute(&mut *self.tx).await?;
+        Ok(())
+    }
+
+    /// Undoes everything since [`StoreTx::savepoint`]; the transaction stays usable.
+    pub async fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
+        sqlx::query("rollback to savepoint chartline_entry").execute(&mut *self.tx).await?;
+        Ok(())
+    }
+
+    /// Keeps everything since [`StoreTx::savepoint`].
+    pub async fn release_savepoint(&mut self) -> Result<(), StoreError> {
+        sqlx::query("release savepoint chartline_entry").execute(&mut *self.tx).await?;
         Ok(())
     }
 

@@ -29,6 +29,8 @@ pub enum Command {
     /// Start everything in one process, ingest the shipped fixture patients over the wire,
     /// and print what was stored.
     Demo(DemoArgs),
+    /// Print a patient's prompt (the timeline's structured, cited, budgeted text).
+    Prompt(PromptArgs),
     /// Measure ingest throughput over FHIR REST against a bare COPY floor (empty database).
     BenchIngest(BenchIngestArgs),
 }
@@ -102,7 +104,13 @@ pub struct ServeArgs {
     /// HTTP (FHIR REST) listen address.
     #[arg(long, env = "CHARTLINE_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+    /// The model: a GGUF file or a Hugging Face folder (its tokenizer budgets prompts).
+    #[arg(long, env = "CHARTLINE_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
 }
+
+/// The embedded default model, as scripts/install-models.sh installs it.
+pub const DEFAULT_MODEL: &str = "models/gemma3-270m/gemma-3-270m-q4_k_m.gguf";
 
 /// `chartline ingest`.
 #[derive(Debug, Clone, Args)]
@@ -134,6 +142,31 @@ pub struct DemoArgs {
     /// The patient to show.
     #[arg(long, default_value = "4b86befa-fa7e-9285-615f-e081dab3f93c")]
     pub patient: String,
+    /// The model (GGUF file or Hugging Face folder).
+    #[arg(long, env = "CHARTLINE_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+}
+
+/// `chartline prompt`.
+#[derive(Debug, Clone, Args)]
+pub struct PromptArgs {
+    /// Database.
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The patient id.
+    pub patient: String,
+    /// Token budget.
+    #[arg(long, default_value_t = 4000)]
+    pub budget: i64,
+    /// Task.
+    #[arg(long, default_value = "chart_summary")]
+    pub task: String,
+    /// Read the chart as of this RFC 3339 time (default now).
+    #[arg(long)]
+    pub as_of: Option<String>,
+    /// The model whose tokenizer counts.
+    #[arg(long, env = "CHARTLINE_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
 }
 
 /// `chartline bench-ingest`.
@@ -148,6 +181,9 @@ pub struct BenchIngestArgs {
     /// Concurrent HTTP clients sending patient Bundles.
     #[arg(long, default_value_t = 2)]
     pub clients: usize,
+    /// The model (its tokenizer is loaded as `serve` does).
+    #[arg(long, env = "CHARTLINE_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
 }
 
 #[cfg(test)]

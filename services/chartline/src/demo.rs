@@ -16,8 +16,7 @@ use crate::config::DemoArgs;
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let store = crate::server::open_store(&args.db).await?;
     let running = crate::server::start(
-        store,
-        chartline_fhir::Limits::default(),
+        crate::server::Services { store, limits: chartline_fhir::Limits::default(), counter: crate::tokens::ModelTokenCounter::load(&args.model)? },
         TcpListener::bind("127.0.0.1:0").await?,
         TcpListener::bind("127.0.0.1:0").await?,
     )

@@ -5,12 +5,14 @@
 pub mod bench;
 pub mod config;
 pub mod ingest_cli;
+pub mod prompt_cli;
 pub mod server;
+pub mod tokens;
 pub mod demo;
 
 /// Starts `tracing` output on stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }

@@ -9,7 +9,11 @@ use chartline_fhir::Limits;
 use chartline_ingest::Ingestor;
 use chartline_ingest::grpc::IngestGrpc;
 use chartline_proto::v1::ingest_service_server::IngestServiceServer;
+use chartline_proto::v1::timeline_service_server::TimelineServiceServer;
 use chartline_store::Store;
+use chartline_timeline::grpc::TimelineGrpc;
+use chartline_timeline::{Timeline, TokenCounter};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -51,11 +55,23 @@ pub async fn open_store(db: &DbArgs) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// What the servers serve.
+pub struct Services {
+    /// The database.
+    pub store: Store,
+    /// Input limits for ingest.
+    pub limits: Limits,
+    /// The model's tokenizer, for prompt budgets.
+    pub counter: Arc<dyn TokenCounter>,
+}
+
 /// Starts both servers on the given listeners (bind `127.0.0.1:0` in tests).
-pub async fn start(store: Store, limits: Limits, grpc: TcpListener, http: TcpListener) -> anyhow::Result<Running> {
+pub async fn start(services: Services, grpc: TcpListener, http: TcpListener) -> anyhow::Result<Running> {
+    let Services { store, limits, counter } = services;
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
     let shutdown = CancellationToken::new();
+    let timeline = Timeline::new(store.clone(), counter);
     let ingestor = Ingestor::new(store, limits);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -65,6 +81,7 @@ pub async fn start(store: Store, limits: Limits, grpc: TcpListener, http: TcpLis
         .build_v1()
         .context("building gRPC reflection")?;
     health.set_serving::<IngestServiceServer<IngestGrpc>>().await;
+    health.set_serving::<TimelineServiceServer<TimelineGrpc>>().await;
 
     let token = shutdown.clone();
     let grpc_task = tokio::spawn({
@@ -74,6 +91,7 @@ pub async fn start(store: Store, limits: Limits, grpc: TcpListener, http: TcpLis
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(ingest)
+                .add_service(chartline_timeline::grpc::server(timeline))
                 .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), token.cancelled_owned())
                 .await
                 .context("gRPC server")
@@ -94,7 +112,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&args.db).await?;
     let grpc = TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
     let http = TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
-    let running = start(store, args.limits.limits(), grpc, http).await?;
+    let counter = crate::tokens::ModelTokenCounter::load(&args.model)?;
+    let running = start(Services { store, limits: args.limits.limits(), counter }, grpc, http).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.stop().await?;
