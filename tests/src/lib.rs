@@ -69,7 +69,7 @@ pub async fn start_server(pool: sqlx::PgPool, limits: chartline_fhir::Limits) ->
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
     let counter = chartline::tokens::ModelTokenCounter::load(&models_dir().join("gemma3-270m/gemma-3-270m-q4_k_m.gguf"))
         .expect("the embedded model's tokenizer (run scripts/install-models.sh)");
-    let services = chartline::server::Services { store, limits, counter };
+    let services = chartline::server::Services::without_model(store, limits, counter);
     let running = chartline::server::start(services, grpc, http).await.expect("servers start");
     TestServer {
         fhir: format!("http://{}/fhir", running.http_addr),

@@ -356,3 +356,28 @@ async fn grpc_ingest_streams_ndjson_and_returns_operation_outcomes_in_status_det
         .into_inner();
     assert_eq!(status.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 }
+
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn a_batch_stores_its_good_entries_and_reports_each_bad_one(pool: PgPool) {
+    let server = start_server(pool.clone(), Limits::default()).await;
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "b1", "gender": "female"}, "request": {"method": "PUT", "url": "Patient/b1"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/b1"},
+                      "performer": [{"reference": "Practitioner?identifier=urn:none|0"}]},
+         "request": {"method": "POST", "url": "Observation"}},
+        {"resource": {"resourceType": "Patient", "id": "b2"}, "request": {"method": "PUT", "url": "Patient/b3"}},
+        {"resource": {"resourceType": "Patient", "id": "b4", "gender": "male"}, "request": {"method": "PUT", "url": "Patient/b4"}}
+    ]});
+    let (status, resp) = server.post("", serde_json::to_vec(&batch).expect("json")).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["type"], "batch-response");
+    let statuses: Vec<&str> = resp["entry"].as_array().expect("entries").iter().map(|e| e["response"]["status"].as_str().unwrap_or("")).collect();
+    assert_eq!(statuses, ["201 Created", "400 Bad Request", "400 Bad Request", "201 Created"]);
+    assert_eq!(resp["entry"][1]["response"]["outcome"]["issue"][0]["code"], "not-found", "the conditional reference matched nothing");
+    let stored: Vec<String> = sqlx::query_scalar("select id from resource order by id").fetch_all(&pool).await.expect("ids");
+    assert_eq!(stored, ["b1", "b4"], "only the good entries are stored");
+    let log: (String, i32, i32) = sqlx::query_as("select outcome, created, rejected from ingest_log where kind = 'batch'").fetch_one(&pool).await.expect("log");
+    assert_eq!(log, ("partial".to_owned(), 2, 2));
+    let jobs: Vec<String> = sqlx::query_scalar("select patient_id from summary_job order by 1").fetch_all(&pool).await.expect("jobs");
+    assert_eq!(jobs, ["b1", "b4"], "changed patients get a summary job in the same transaction");
+}

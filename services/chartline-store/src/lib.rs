@@ -3,6 +3,7 @@
 //! writes SQL. Migrations live in the repository's `migrations/` and are embedded here.
 
 mod error;
+mod outputs;
 mod read;
 mod timeline;
 mod write;
@@ -11,6 +12,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub use error::StoreError;
+pub use outputs::{LeasedJob, NewOutput, OutputFilter, OutputRow, ProvenanceContent, ProvenanceRow};
 pub use read::{IngestLogEntry, StoredResource};
 pub use timeline::{EventFilter, EventRow};
 pub use write::{IngestRecord, ResourceWrite, StoreTx, WriteOutcome, WriteResult};

@@ -88,6 +88,7 @@ pub struct StoreTx {
     tx: Transaction<'static, Postgres>,
     now: DateTime<Utc>,
     debounce: chrono::Duration,
+    enqueue_jobs: bool,
 }
 
 struct Current {
@@ -102,7 +103,16 @@ impl StoreTx {
         // Postgres keeps microseconds; truncating here keeps meta.lastUpdated and the row equal.
         let now = Utc::now();
         let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
-        StoreTx { tx, now, debounce }
+        StoreTx { tx, now, debounce, enqueue_jobs: true }
+    }
+
+    /// Writes in this transaction enqueue no summary jobs (the summary's own resources).
+    pub(crate) fn suppress_summary_jobs(&mut self) {
+        self.enqueue_jobs = false;
+    }
+
+    pub(crate) fn conn(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.tx
     }
 
     /// The transaction's timestamp, used as `lastUpdated` for everything it writes.
@@ -504,7 +514,7 @@ impl StoreTx {
     /// Enqueues (or pushes back, debouncing) a summary job for each patient whose data
     /// changed, in this transaction: the job exists exactly when the data does.
     pub async fn enqueue_summaries(&mut self, patients: &[&str]) -> Result<(), StoreError> {
-        if patients.is_empty() {
+        if patients.is_empty() || !self.enqueue_jobs {
             return Ok(());
         }
         let not_before = self.now + self.debounce;

@@ -147,7 +147,12 @@ fn tags(cites: &[Citation]) -> String {
 }
 
 fn label(e: &EventRow) -> String {
-    e.display.clone().or_else(|| e.code.clone()).unwrap_or_else(|| "unnamed".into())
+    one_line(e.display.as_deref().or(e.code.as_deref()).unwrap_or("unnamed"))
+}
+
+/// Folds line breaks and runs of white space: every prompt line is one line.
+pub(crate) fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn group_key(e: &EventRow) -> String {
@@ -238,10 +243,10 @@ fn allergies(ev: &[&EventRow]) -> Vec<Line> {
                 t.push_str(&format!(" ({c})"));
             }
             if let Some(c) = &e.value_text {
-                t.push_str(&format!(", criticality {c}"));
+                t.push_str(&format!(", criticality {}", one_line(c)));
             }
             if let Some(r) = &e.interpretation {
-                t.push_str(&format!(", reaction: {r}"));
+                t.push_str(&format!(", reaction: {}", one_line(r)));
             }
             t.push_str(&format!(", recorded {} ", date(e.time)));
             let cites = vec![cite(e)];
@@ -321,7 +326,7 @@ fn medications(ev: &[&EventRow]) -> Vec<Line> {
             let latest = g.iter().max_by_key(|e| (e.time, &e.resource_id)).copied().unwrap_or(g[0]);
             let since = g.iter().filter_map(|e| e.time).min();
             let cites: Vec<Citation> = g.iter().map(|e| cite(e)).collect();
-            let dose = latest.value_text.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
+            let dose = latest.value_text.as_deref().map(|d| format!(": {}", one_line(d))).unwrap_or_default();
             let on_hold = if latest.status.as_deref() == Some("on-hold") { " (on hold)" } else { "" };
             let text = format!("- {}{dose}{on_hold} (since {}) {}", label(latest), date(since), tags(&cites));
             (Line { section: section("medications"), priority: 85.0, order: 0, text, cites }, latest.time)
@@ -409,7 +414,7 @@ fn observations(ev: &[&EventRow], category: &str, key: &str, changing: f64, stab
             let value = match (last.value_num, &last.value_text) {
                 (Some(v), Some(cmp)) if matches!(cmp.as_str(), "<" | "<=" | ">" | ">=") => format!("{cmp}{}{unit}", num(v)),
                 (Some(v), _) => format!("{}{unit}", num(v)),
-                (None, Some(t)) => t.clone(),
+                (None, Some(t)) => one_line(t),
                 (None, None) => String::new(),
             };
             let fl = flag(last);

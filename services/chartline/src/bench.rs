@@ -43,7 +43,7 @@ pub async fn run(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(copied as usize == resources, "COPY stored {copied} of {resources} documents");
 
     let running = crate::server::start(
-        crate::server::Services { store, limits, counter: crate::tokens::ModelTokenCounter::load(&args.model)? },
+        crate::server::Services::without_model(store, limits, crate::tokens::ModelTokenCounter::load(&args.model)?),
         TcpListener::bind("127.0.0.1:0").await?,
         TcpListener::bind("127.0.0.1:0").await?,
     )

@@ -107,7 +107,31 @@ pub struct ServeArgs {
     /// The model: a GGUF file or a Hugging Face folder (its tokenizer budgets prompts).
     #[arg(long, env = "CHARTLINE_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
+    /// The text embedding model folder (skipped when absent).
+    #[arg(long, env = "CHARTLINE_EMBEDDING_MODEL", default_value = DEFAULT_EMBEDDING_MODEL)]
+    pub embedding_model: PathBuf,
+    /// Summary workers in this process (0 to run none).
+    #[arg(long, env = "CHARTLINE_SUMMARY_WORKERS", default_value_t = 1)]
+    pub summary_workers: usize,
+    /// Seconds a summary job lease lasts before another worker may retake it.
+    #[arg(long, env = "CHARTLINE_JOB_LEASE_SECS", default_value_t = 120)]
+    pub job_lease_secs: i64,
+    /// Milliseconds a patient's summary job waits after the last change to its data.
+    #[arg(long, env = "CHARTLINE_SUMMARY_DEBOUNCE_MS", default_value_t = 5000)]
+    pub summary_debounce_ms: i64,
+    /// Prompt budget of a summary, in tokens.
+    #[arg(long, env = "CHARTLINE_SUMMARY_TOKEN_BUDGET", default_value_t = 3000)]
+    pub summary_token_budget: i32,
+    /// Tokens a summary may generate.
+    #[arg(long, env = "CHARTLINE_SUMMARY_MAX_TOKENS", default_value_t = 200)]
+    pub summary_max_tokens: u32,
+    /// Base URL for links in CDS cards (as the EHR reaches Chartline).
+    #[arg(long, env = "CHARTLINE_PUBLIC_URL")]
+    pub public_url: Option<String>,
 }
+
+/// The embedded default embedding model.
+pub const DEFAULT_EMBEDDING_MODEL: &str = "models/all-minilm-l6-v2";
 
 /// The embedded default model, as scripts/install-models.sh installs it.
 pub const DEFAULT_MODEL: &str = "models/gemma3-270m/gemma-3-270m-q4_k_m.gguf";
@@ -145,6 +169,12 @@ pub struct DemoArgs {
     /// The model (GGUF file or Hugging Face folder).
     #[arg(long, env = "CHARTLINE_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
+    /// Prompt budget of the summary, in tokens.
+    #[arg(long, default_value_t = 2000)]
+    pub token_budget: i32,
+    /// Tokens the summary may generate.
+    #[arg(long, default_value_t = 160)]
+    pub max_tokens: u32,
 }
 
 /// `chartline prompt`.

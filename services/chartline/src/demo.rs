@@ -1,6 +1,7 @@
-//! `chartline demo`: the whole path on one machine. Starts the servers in this process,
-//! sends the shipped Synthea Bundles over FHIR REST as an EHR would, and prints what was
-//! stored for one patient.
+//! `chartline demo`: the whole path on one machine. Starts every service in this process,
+//! sends the shipped Synthea Bundles over FHIR REST as an EHR would, summarizes one patient
+//! with the embedded model over gRPC, and prints the summary with its citations and
+//! provenance, then verifies the provenance chain.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -15,12 +16,11 @@ use crate::config::DemoArgs;
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let store = crate::server::open_store(&args.db).await?;
-    let running = crate::server::start(
-        crate::server::Services { store, limits: chartline_fhir::Limits::default(), counter: crate::tokens::ModelTokenCounter::load(&args.model)? },
-        TcpListener::bind("127.0.0.1:0").await?,
-        TcpListener::bind("127.0.0.1:0").await?,
-    )
-    .await?;
+    let counter = crate::tokens::ModelTokenCounter::load(&args.model)?;
+    let mut services = crate::server::Services::without_model(store, chartline_fhir::Limits::default(), counter);
+    services.models = Some(crate::server::ModelPaths { model: args.model.clone(), embedding: None });
+    services.summary = chartline_cds::summary::SummaryConfig { token_budget: args.token_budget, max_tokens: args.max_tokens };
+    let running = crate::server::start(services, TcpListener::bind("127.0.0.1:0").await?, TcpListener::bind("127.0.0.1:0").await?).await?;
     let base = format!("http://{}/fhir", running.http_addr);
     println!("Chartline serving FHIR REST at {base} and gRPC at {}", running.grpc_addr);
 
@@ -78,6 +78,45 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for (t, n) in &per_type {
         println!("  {t:<28} {n:>5}");
     }
+    running.model_ready().await?;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc_addr))?.connect().await?;
+    let mut summaries = chartline_proto::v1::summary_service_client::SummaryServiceClient::new(channel.clone());
+    println!("\nSummarizing Patient/{} with the embedded model ...", args.patient);
+    let t = Instant::now();
+    let s = summaries
+        .summarize(chartline_proto::v1::SummarizeRequest { patient_id: args.patient.clone(), requester: "chartline-demo".into() })
+        .await
+        .context("Summarize")?
+        .into_inner();
+    let p = s.provenance.clone().unwrap_or_default();
+    let m = p.model.clone().unwrap_or_default();
+    println!("done in {:.1} s\n", t.elapsed().as_secs_f64());
+    println!("== AI summary (preliminary; {} of {} statements carry a verified source) ==", s.statements.iter().filter(|x| x.supported).count(), s.statements.len());
+    println!("{}\n", s.narrative.trim());
+    for st in &s.statements {
+        let mark = if st.supported { "verified " } else { "UNSUPPORTED" };
+        println!("  [{mark}] {}", st.text.chars().take(110).collect::<String>());
+    }
+    println!("\n== Structured sections (from the chart, not the model) ==");
+    for sec in &s.sections {
+        println!("{}", sec.text);
+    }
+    println!("\n== Provenance ==");
+    println!("output          {}", s.output_id);
+    println!("model           {} ({}), weights sha256 {}", m.name, m.backend, m.weights_sha256);
+    println!("tokenizer       sha256 {}", m.tokenizer_sha256);
+    println!("prompt          template {}, sha256 {}, {} input resource versions", p.template_version, p.prompt_sha256, p.inputs.len());
+    println!("parameters      {}", p.parameters_json);
+    println!("citations       {} found, {} verified, {} unsupported statements", s.citations_found, s.citations_verified, s.unsupported_statements);
+    println!("chain           position {}, row hash {}, previous {}", p.chain_seq, p.row_hash, p.prev_hash);
+    println!("FHIR            GET {base}/Composition/{}  ·  GET {base}/Provenance?target=Composition/{}", s.output_id, s.output_id);
+    let mut audit = chartline_proto::v1::audit_service_client::AuditServiceClient::new(channel);
+    let v = audit.verify_chain(chartline_proto::v1::VerifyChainRequest {}).await?.into_inner();
+    if v.ok {
+        println!("VerifyChain     ok ({} rows)", v.rows_checked);
+    } else {
+        println!("VerifyChain     BROKEN at row {}: {}", v.first_broken_seq, v.reason);
+    }
     running.stop().await?;
-    Ok(if failed > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    Ok(if failed > 0 || !v.ok { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }

@@ -9,7 +9,19 @@ use chartline_fhir::Limits;
 use chartline_ingest::Ingestor;
 use chartline_ingest::grpc::IngestGrpc;
 use chartline_proto::v1::ingest_service_server::IngestServiceServer;
+use std::path::PathBuf;
+
+use chartline_cds::audit::Audit;
+use chartline_cds::grpc::{AuditGrpc, SummaryGrpc};
+use chartline_cds::summary::{SummaryConfig, Summarizer};
+use chartline_cds::worker::WorkerConfig;
+use chartline_inference::grpc::{InferenceGrpc, Models};
+use chartline_inference::{Embedder, Engine, GgufOptions};
+use chartline_proto::v1::audit_service_server::AuditServiceServer;
+use chartline_proto::v1::inference_service_server::InferenceServiceServer;
+use chartline_proto::v1::summary_service_server::SummaryServiceServer;
 use chartline_proto::v1::timeline_service_server::TimelineServiceServer;
+use tonic::transport::Channel;
 use chartline_store::Store;
 use chartline_timeline::grpc::TimelineGrpc;
 use chartline_timeline::{Timeline, TokenCounter};
@@ -28,6 +40,7 @@ pub struct Running {
     pub http_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    model_ready: tokio::sync::watch::Receiver<Option<Result<(), String>>>,
 }
 
 impl Running {
@@ -38,6 +51,17 @@ impl Running {
             t.await.context("server task panicked")??;
         }
         Ok(())
+    }
+
+    /// Waits until the model has loaded (or failed to); immediately Ok without a model.
+    pub async fn model_ready(&self) -> anyhow::Result<()> {
+        let mut rx = self.model_ready.clone();
+        let state = rx.wait_for(Option::is_some).await.map_err(|_| anyhow::anyhow!("model loader stopped"))?;
+        match state.as_ref() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(anyhow::anyhow!("model failed to load: {e}")),
+            None => Err(anyhow::anyhow!("model state unknown")),
+        }
     }
 
     /// A token that stops the servers when cancelled.
@@ -55,6 +79,15 @@ pub async fn open_store(db: &DbArgs) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// Where the models are.
+#[derive(Debug, Clone)]
+pub struct ModelPaths {
+    /// The generation model: a GGUF file.
+    pub model: PathBuf,
+    /// The embedding model folder (safetensors + tokenizer.json), if any.
+    pub embedding: Option<PathBuf>,
+}
+
 /// What the servers serve.
 pub struct Services {
     /// The database.
@@ -63,16 +96,37 @@ pub struct Services {
     pub limits: Limits,
     /// The model's tokenizer, for prompt budgets.
     pub counter: Arc<dyn TokenCounter>,
+    /// The models to load in this process; None serves no model (InferenceService answers
+    /// UNAVAILABLE, as when another process or a remote engine serves it).
+    pub models: Option<ModelPaths>,
+    /// Summary settings.
+    pub summary: SummaryConfig,
+    /// Run a summary worker in this process.
+    pub worker: Option<WorkerConfig>,
+    /// Base URL put into CDS card links (default `http://<http address>`).
+    pub public_url: Option<String>,
+}
+
+impl Services {
+    /// Ingest and timeline only: no model, no worker.
+    pub fn without_model(store: Store, limits: Limits, counter: Arc<dyn TokenCounter>) -> Self {
+        Services { store, limits, counter, models: None, summary: SummaryConfig::default(), worker: None, public_url: None }
+    }
 }
 
 /// Starts both servers on the given listeners (bind `127.0.0.1:0` in tests).
 pub async fn start(services: Services, grpc: TcpListener, http: TcpListener) -> anyhow::Result<Running> {
-    let Services { store, limits, counter } = services;
+    let Services { store, limits, counter, models: model_paths, summary, worker, public_url } = services;
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
     let shutdown = CancellationToken::new();
     let timeline = Timeline::new(store.clone(), counter);
-    let ingestor = Ingestor::new(store, limits);
+    let ingestor = Ingestor::new(store.clone(), limits);
+    // The orchestrator talks to the timeline and inference services over gRPC, also here.
+    let self_channel = Channel::from_shared(format!("http://{grpc_addr}"))?.connect_lazy();
+    let summarizer = Summarizer::new(store.clone(), self_channel.clone(), self_channel.clone(), summary);
+    let audit = Audit::new(store.clone(), self_channel);
+    let models = Models::new();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -82,8 +136,47 @@ pub async fn start(services: Services, grpc: TcpListener, http: TcpListener) -> 
         .context("building gRPC reflection")?;
     health.set_serving::<IngestServiceServer<IngestGrpc>>().await;
     health.set_serving::<TimelineServiceServer<TimelineGrpc>>().await;
+    health.set_serving::<AuditServiceServer<AuditGrpc>>().await;
+    health.set_not_serving::<InferenceServiceServer<InferenceGrpc>>().await;
+    health.set_not_serving::<SummaryServiceServer<SummaryGrpc>>().await;
+    let (ready_tx, model_ready) = tokio::sync::watch::channel(None);
+    match model_paths {
+        None => {
+            let _ = ready_tx.send(Some(Ok(())));
+        }
+        Some(paths) => {
+            let (models, health) = (models.clone(), health.clone());
+            tokio::spawn(async move {
+                let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    let engine = Engine::load_gguf(&paths.model, &GgufOptions::default())
+                        .with_context(|| format!("loading {}", paths.model.display()))?;
+                    models.set_engine(engine);
+                    if let Some(dir) = &paths.embedding {
+                        models.set_embedder(Embedder::load(dir).with_context(|| format!("loading {}", dir.display()))?);
+                    }
+                    Ok(())
+                })
+                .await;
+                let result = match loaded {
+                    Ok(Ok(())) => {
+                        health.set_serving::<InferenceServiceServer<InferenceGrpc>>().await;
+                        health.set_serving::<SummaryServiceServer<SummaryGrpc>>().await;
+                        tracing::info!("model loaded; inference serving");
+                        Ok(())
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %format!("{e:#}"), "model failed to load");
+                        Err(format!("{e:#}"))
+                    }
+                    Err(e) => Err(format!("model loader panicked: {e}")),
+                };
+                let _ = ready_tx.send(Some(result));
+            });
+        }
+    }
 
     let token = shutdown.clone();
+    let (grpc_models, grpc_summarizer, grpc_audit) = (models.clone(), summarizer.clone(), audit.clone());
     let grpc_task = tokio::spawn({
         let ingest = chartline_ingest::grpc::server(ingestor.clone());
         async move {
@@ -92,18 +185,32 @@ pub async fn start(services: Services, grpc: TcpListener, http: TcpListener) -> 
                 .add_service(reflection)
                 .add_service(ingest)
                 .add_service(chartline_timeline::grpc::server(timeline))
+                .add_service(chartline_inference::grpc::server(grpc_models))
+                .add_service(chartline_cds::grpc::summary_server(grpc_summarizer))
+                .add_service(chartline_cds::grpc::audit_server(grpc_audit))
                 .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), token.cancelled_owned())
                 .await
                 .context("gRPC server")
         }
     });
     let token = shutdown.clone();
-    let app = chartline_ingest::rest::router(ingestor).route("/healthz", axum::routing::get(|| async { "ok" }));
+    let base_url = public_url.unwrap_or_else(|| format!("http://{http_addr}"));
+    let app = chartline_ingest::rest::router(ingestor)
+        .merge(chartline_cds::hooks::router(store.clone(), audit, base_url))
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
     let http_task = tokio::spawn(async move {
         axum::serve(http, app).with_graceful_shutdown(token.cancelled_owned()).await.context("HTTP server")
     });
+    let mut tasks = vec![grpc_task, http_task];
+    if let Some(cfg) = worker {
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            chartline_cds::worker::run(summarizer, cfg, token).await;
+            Ok(())
+        }));
+    }
     tracing::info!(%grpc_addr, %http_addr, "serving");
-    Ok(Running { grpc_addr, http_addr, shutdown, tasks: vec![grpc_task, http_task] })
+    Ok(Running { grpc_addr, http_addr, shutdown, tasks, model_ready })
 }
 
 /// `chartline serve`: runs until SIGINT or SIGTERM.
@@ -113,7 +220,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let grpc = TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
     let http = TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
     let counter = crate::tokens::ModelTokenCounter::load(&args.model)?;
-    let running = start(Services { store, limits: args.limits.limits(), counter }, grpc, http).await?;
+    let worker = (args.summary_workers > 0).then(|| WorkerConfig {
+        worker_id: format!("{}-{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "chartline".into()), std::process::id()),
+        lease: chrono::Duration::seconds(args.job_lease_secs),
+        idle: std::time::Duration::from_millis(500),
+    });
+    let services = Services {
+        store: store.with_summary_debounce(chrono::Duration::milliseconds(args.summary_debounce_ms)),
+        limits: args.limits.limits(),
+        counter,
+        models: Some(ModelPaths { model: args.model.clone(), embedding: Some(args.embedding_model.clone()).filter(|p| p.exists()) }),
+        summary: SummaryConfig { token_budget: args.summary_token_budget, max_tokens: args.summary_max_tokens },
+        worker,
+        public_url: args.public_url.clone(),
+    };
+    let running = start(services, grpc, http).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.stop().await?;

@@ -129,7 +129,8 @@ impl Tokenizer {
     /// Builds the tokenizer from a GGUF file's metadata (tensor data is not read).
     pub fn from_gguf_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // Buffered: the vocabulary is hundreds of thousands of small reads.
+        let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| Error::InvalidModel(format!("{}: {e}", path.display())))?;
         Self::from_gguf_metadata(&content.metadata, path)

@@ -149,7 +149,7 @@ fn build(tokens: &[&str], scores: &[f32], types: &[i32]) -> Result<tokenizers::T
             _ => {}
         }
     }
-    hf.add_special_tokens(&control).map_err(Error::tokenizer)?;
+    hf.add_special_tokens(control).map_err(Error::tokenizer)?;
     hf.add_tokens(user).map_err(Error::tokenizer)?;
     Ok(hf)
 }

@@ -1,0 +1,95 @@
+//! Throughput of the embedded models on this machine: Gemma 3 GGUF prefill (512-token prompt)
+//! and decode (128 tokens), and MiniLM embeddings at batch 32.
+//!
+//! ```text
+//! cargo run --release -p chartline-inference --example bench_gguf [-- --no-requant]
+//! ```
+//!
+//! candle sizes its CPU worker pool from `CANDLE_NUM_THREADS` (default: physical cores); run
+//! with `CANDLE_NUM_THREADS=2` for the 2-thread figures. Models come from
+//! `CHARTLINE_MODELS_DIR` (default `<workspace>/models`).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use chartline_inference::{Backend, Embedder, GgufOptions, load_gguf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let models = std::env::var_os("CHARTLINE_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let requantize_q5_0 = !std::env::args().any(|a| a == "--no-requant");
+    println!("threads: {} (CANDLE_NUM_THREADS / physical cores)", candle_threads());
+
+    let started = Instant::now();
+    let options = GgufOptions { context_length: Some(2048), requantize_q5_0, ..Default::default() };
+    let mut backend = load_gguf(models.join("gemma3-270m/gemma-3-270m-q4_k_m.gguf"), &options)?;
+    println!("gemma load: {:.2} s (Q5_0 -> Q8_0: {requantize_q5_0}), RSS {} MiB", started.elapsed().as_secs_f64(), rss_mib("VmRSS"));
+
+    let tokenizer = backend.tokenizer().ok_or("no tokenizer")?.clone();
+    let text = "The patient is a 67-year-old man with a history of hypertension, type 2 diabetes mellitus \
+                and chronic kidney disease stage 3, admitted with chest pain radiating to the left arm. ";
+    let mut prompt = tokenizer.encode(&text.repeat(40), true)?;
+    prompt.truncate(512);
+    let model = backend.model_mut();
+
+    // Warm-up: first calls pack weights for the x86 kernels.
+    let mut logits = model.forward(&prompt, 0)?;
+    for pos in 512..516 {
+        logits = model.forward(&[argmax(&logits)], pos)?;
+    }
+
+    let mut prefill = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        logits = model.forward(&prompt, 0)?;
+        prefill.push(512.0 / t.elapsed().as_secs_f64());
+    }
+    let t = Instant::now();
+    for pos in 512..512 + 128 {
+        logits = model.forward(&[argmax(&logits)], pos)?;
+    }
+    let decode = 128.0 / t.elapsed().as_secs_f64();
+    println!(
+        "gemma3-270m Q4_K_M: prefill {:.1} tok/s (512-token prompt, best of 3; runs {}), decode {decode:.1} tok/s (128 tokens)",
+        prefill.iter().copied().fold(0.0, f64::max),
+        prefill.iter().map(|p| format!("{p:.0}")).collect::<Vec<_>>().join("/"),
+    );
+    println!("peak RSS after gemma: {} MiB", rss_mib("VmHWM"));
+    drop(backend);
+
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let embedder = Embedder::load(models.join("all-minilm-l6-v2"))?;
+    let batch: Vec<String> = (0..32)
+        .map(|i| format!("Progress note {i}: patient reports improved shortness of breath after diuretics; plan to continue."))
+        .collect();
+    runtime.block_on(embedder.embed(batch.clone()))?;
+    let rounds = 5;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        runtime.block_on(embedder.embed(batch.clone()))?;
+    }
+    let per_s = (rounds * batch.len()) as f64 / t.elapsed().as_secs_f64();
+    println!("all-MiniLM-L6-v2: {per_s:.1} embeddings/s (batch 32, ~24 tokens each)");
+    println!("peak RSS overall: {} MiB", rss_mib("VmHWM"));
+    Ok(())
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter().enumerate().fold(0, |best, (i, x)| if *x > v[best] { i } else { best }) as u32
+}
+
+fn candle_threads() -> String {
+    std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into())
+}
+
+fn rss_mib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        })
+        .map_or(0, |kb| kb / 1024)
+}

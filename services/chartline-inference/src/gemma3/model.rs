@@ -1,0 +1,287 @@
+//! The Gemma 3 text transformer over quantized weights.
+//!
+//! Per layer (as llama.cpp's gemma3 graph and Gemma's reference code):
+//!
+//! ```text
+//! h = x + post_attn_norm(attn(attn_norm(x)))
+//! y = h + post_ffw_norm(down(gelu_tanh(gate(ffn_norm(h))) * up(ffn_norm(h))))
+//! ```
+//!
+//! with RMSNorm on queries and keys per head, NEOX-style RoPE (base 10 000 on sliding-window
+//! layers, `rope.freq_base` with optional linear scaling on global ones), queries scaled by
+//! `1/sqrt(query_pre_attn_scalar)`, and grouped-query attention computed without copying the
+//! key/value heads. GGUF conversion already added Gemma's `+1` to every RMSNorm weight, so the
+//! weights are used as stored.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+
+use super::config::Gemma3Config;
+use super::kv_cache::KvCache;
+
+/// cos/sin tables (max_positions, head_dim / 2) for one RoPE base and scale.
+pub(crate) struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub(crate) fn new(
+        head_dim: usize,
+        base: f32,
+        scale: f32,
+        max_positions: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / f64::from(base).powf(2.0 * i as f64 / head_dim as f64) / f64::from(scale))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                let theta = p as f64 * f;
+                cos.push(theta.cos() as f32);
+                sin.push(theta.sin() as f32);
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
+        })
+    }
+
+    /// Rotates `x` of shape (1, L, heads, head_dim) for positions `pos .. pos + L`.
+    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let l = x.dim(1)?;
+        let cos = self.cos.narrow(0, pos, l)?;
+        let sin = self.sin.narrow(0, pos, l)?;
+        candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+pub(crate) struct Layer {
+    pub wq: QMatMul,
+    pub wk: QMatMul,
+    pub wv: QMatMul,
+    pub wo: QMatMul,
+    pub q_norm: Tensor,
+    pub k_norm: Tensor,
+    pub attn_norm: Tensor,
+    pub post_attn_norm: Tensor,
+    pub ffn_norm: Tensor,
+    pub post_ffn_norm: Tensor,
+    pub gate: QMatMul,
+    pub up: QMatMul,
+    pub down: QMatMul,
+}
+
+/// The Gemma 3 text model with its KV cache: one sequence at a time.
+pub struct Gemma3 {
+    cfg: Gemma3Config,
+    /// (vocab, hidden), usually Q8_0: rows are dequantized for lookups, and the same tensor
+    /// is the (tied) output projection.
+    embed: Arc<QTensor>,
+    lm_head: QMatMul,
+    layers: Vec<Layer>,
+    final_norm: Tensor,
+    rope_local: Rope,
+    rope_global: Rope,
+    caches: Vec<KvCache>,
+    max_positions: usize,
+    prefill_chunk: usize,
+    device: Device,
+}
+
+impl Gemma3 {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cfg: Gemma3Config,
+        embed: Arc<QTensor>,
+        lm_head: QMatMul,
+        layers: Vec<Layer>,
+        final_norm: Tensor,
+        max_positions: usize,
+        prefill_chunk: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let rope_local = Rope::new(cfg.head_dim, cfg.rope_base_local, 1.0, max_positions, device)?;
+        let rope_global =
+            Rope::new(cfg.head_dim, cfg.rope_base_global, cfg.rope_scale_global, max_positions, device)?;
+        let caches = (0..cfg.n_layers)
+            .map(|i| {
+                let window = if cfg.is_global(i) { None } else { cfg.sliding_window };
+                KvCache::new(window, max_positions)
+            })
+            .collect();
+        Ok(Gemma3 {
+            cfg,
+            embed,
+            lm_head,
+            layers,
+            final_norm,
+            rope_local,
+            rope_global,
+            caches,
+            max_positions,
+            prefill_chunk,
+            device: device.clone(),
+        })
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &Gemma3Config {
+        &self.cfg
+    }
+
+    /// Most positions (prompt plus output) one sequence may use.
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Prompt tokens per forward pass during prefill.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    /// Forgets the current sequence.
+    pub fn clear(&mut self) {
+        self.caches.iter_mut().for_each(KvCache::clear);
+    }
+
+    /// Position the next token will take.
+    pub fn next_pos(&self) -> usize {
+        self.caches.first().map(KvCache::next_pos).unwrap_or(0)
+    }
+
+    /// Runs `tokens` as positions `pos ..` of the current sequence (`pos` must equal
+    /// [`next_pos`](Self::next_pos); 0 starts a new sequence) and returns the logits of the
+    /// last one.
+    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
+        let l = tokens.len();
+        if l == 0 {
+            candle_core::bail!("forward needs at least one token");
+        }
+        if pos + l > self.max_positions {
+            candle_core::bail!("positions up to {} exceed the {} prepared", pos + l, self.max_positions);
+        }
+        if pos == 0 {
+            self.clear();
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = (self.embed.embedding(&ids)? * (self.cfg.hidden_size as f64).sqrt())?
+            .reshape((1, l, self.cfg.hidden_size))?;
+        let mask_cache = MaskCache::default();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let global = self.cfg.is_global(i);
+            let rope = if global { &self.rope_global } else { &self.rope_local };
+            let window = if global { None } else { self.cfg.sliding_window };
+            x = layer_forward(&self.cfg, layer, &x, pos, rope, window, &mut self.caches[i], &mask_cache)?;
+        }
+        let last = x.narrow(1, l - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.final_norm, self.cfg.rms_eps as f32)?;
+        let mut logits = self.lm_head.forward(&last)?;
+        if let Some(cap) = self.cfg.final_logit_softcapping {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+    }
+}
+
+/// (first query position, first key position, key count, window).
+type MaskKey = (usize, usize, usize, Option<usize>);
+
+/// Masks are the same for every layer of one kind within a forward pass.
+#[derive(Default)]
+struct MaskCache {
+    masks: std::cell::RefCell<Vec<(MaskKey, Tensor)>>,
+}
+
+impl MaskCache {
+    /// Additive mask (L, T) for queries at `pos ..` and keys at `key_start ..`.
+    fn get(&self, l: usize, pos: usize, key_start: usize, t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+        let key = (pos, key_start, t, window);
+        if let Some((_, m)) = self.masks.borrow().iter().find(|(k, _)| *k == key) {
+            return Ok(m.clone());
+        }
+        let mut data = Vec::with_capacity(l * t);
+        for i in 0..l {
+            let q = pos + i;
+            for j in 0..t {
+                let k = key_start + j;
+                let visible = k <= q && window.is_none_or(|w| q - k < w);
+                data.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        let m = Tensor::from_vec(data, (l, t), device)?;
+        self.masks.borrow_mut().push((key, m.clone()));
+        Ok(m)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layer_forward(
+    cfg: &Gemma3Config,
+    w: &Layer,
+    x: &Tensor,
+    pos: usize,
+    rope: &Rope,
+    window: Option<usize>,
+    cache: &mut KvCache,
+    masks: &MaskCache,
+) -> Result<Tensor> {
+    let eps = cfg.rms_eps as f32;
+    let (_, l, _) = x.dims3()?;
+    let (nh, nkv, hd, vd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.value_dim);
+    let g = cfg.group_size();
+
+    let h = candle_nn::ops::rms_norm(x, &w.attn_norm, eps)?;
+    // (1, L, heads, head_dim)
+    let q = w.wq.forward(&h)?.reshape((1, l, nh, hd))?;
+    let k = w.wk.forward(&h)?.reshape((1, l, nkv, hd))?;
+    let v = w.wv.forward(&h)?.reshape((1, l, nkv, vd))?;
+    let q = candle_nn::ops::rms_norm(&q, &w.q_norm, eps)?;
+    let k = candle_nn::ops::rms_norm(&k, &w.k_norm, eps)?;
+    let q = (rope.apply(&q, pos)? * (1.0 / cfg.query_pre_attn_scalar.sqrt()))?;
+    let k = rope.apply(&k, pos)?;
+    // (1, heads, L, d)
+    let q = q.transpose(1, 2)?.contiguous()?;
+    let k = k.transpose(1, 2)?.contiguous()?;
+    let v = v.transpose(1, 2)?.contiguous()?;
+
+    let kv = cache.append(&k, &v, pos)?;
+    // Keys older than the first query's window are invisible to the whole chunk.
+    let first_visible = window.map_or(0, |w| (pos + 1).saturating_sub(w)).max(kv.start);
+    let skip = first_visible - kv.start;
+    let t = kv.k.dim(2)? - skip;
+    let keys = kv.k.narrow(2, skip, t)?;
+    let values = kv.v.narrow(2, skip, t)?;
+
+    // Query heads of one KV group are adjacent, so (1, nh, L, hd) reads as
+    // (1, nkv, g*L, hd) and each group multiplies its one K/V head directly.
+    let q = q.reshape((1, nkv, g * l, hd))?;
+    let scores = q.matmul(&keys.t()?)?; // (1, nkv, g*L, T)
+    let needs_mask = l > 1 || window.is_some_and(|w| t > w);
+    let scores = if needs_mask {
+        let mask = masks.get(l, pos, first_visible, t, window, x.device())?;
+        scores.reshape((1, nkv, g, l, t))?.broadcast_add(&mask)?.reshape((1, nkv, g * l, t))?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let attn = probs.matmul(&values)?; // (1, nkv, g*L, vd)
+    let attn = attn.reshape((1, nh, l, vd))?.transpose(1, 2)?.reshape((1, l, nh * vd))?;
+    let attn = w.wo.forward(&attn)?;
+    let h = (x + candle_nn::ops::rms_norm(&attn, &w.post_attn_norm, eps)?)?;
+
+    let f = candle_nn::ops::rms_norm(&h, &w.ffn_norm, eps)?;
+    let gate = w.gate.forward(&f)?.gelu()?;
+    let up = w.up.forward(&f)?;
+    let down = w.down.forward(&(gate * up)?)?;
+    let y = (h + candle_nn::ops::rms_norm(&down, &w.post_ffn_norm, eps)?)?;
+    debug_assert_eq!(y.dim(D::Minus1).ok(), Some(cfg.hidden_size));
+    Ok(y)
+}

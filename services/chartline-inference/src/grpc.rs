@@ -1,0 +1,220 @@
+//! The gRPC face: `chartline.v1.InferenceService`. The server answers `UNAVAILABLE` (and
+//! health says `NOT_SERVING`) until the model is loaded; wire types become validated
+//! [`GenerateParams`] once, here, and every error names the field.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+
+use chartline_proto::v1 as pb;
+use chartline_proto::v1::inference_service_server::{InferenceService, InferenceServiceServer};
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::{ChatMessage, Embedder, Engine, Error, ErrorCategory, GenerateParams, GenerationEvent, ModelIdentity, Role, chat_prompt};
+
+/// Most texts one `Embed` call may carry.
+pub const MAX_EMBED_TEXTS: usize = 256;
+/// Longest text `Embed`, `Tokenize` or `CountTokens` accepts, in bytes.
+pub const MAX_TEXT_BYTES: usize = 1 << 20;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e.category() {
+            ErrorCategory::InvalidArgument => Status::invalid_argument(msg),
+            ErrorCategory::NotFound => Status::not_found(msg),
+            ErrorCategory::Unavailable => Status::unavailable(msg),
+            ErrorCategory::Internal => {
+                tracing::error!(error = %msg, "inference failure");
+                Status::internal("inference failure")
+            }
+        }
+    }
+}
+
+/// The models behind the service, filled in when loading finishes.
+#[derive(Clone, Default)]
+pub struct Models {
+    engine: Arc<OnceLock<Engine>>,
+    embedder: Arc<OnceLock<Embedder>>,
+}
+
+impl Models {
+    /// Empty: every call answers UNAVAILABLE until [`Models::set_engine`].
+    pub fn new() -> Self {
+        Models::default()
+    }
+
+    /// Installs the generation engine (once).
+    pub fn set_engine(&self, engine: Engine) {
+        let _ = self.engine.set(engine);
+    }
+
+    /// Installs the embedder (once).
+    pub fn set_embedder(&self, embedder: Embedder) {
+        let _ = self.embedder.set(embedder);
+    }
+
+    /// The engine, if loaded.
+    pub fn engine(&self) -> Option<&Engine> {
+        self.engine.get()
+    }
+
+    fn engine_or_unavailable(&self) -> Result<&Engine, Status> {
+        self.engine.get().ok_or_else(|| Status::unavailable("the model is still loading"))
+    }
+}
+
+/// `InferenceService` over [`Models`].
+#[derive(Clone)]
+pub struct InferenceGrpc {
+    models: Models,
+}
+
+/// The tonic server for `InferenceService`.
+pub fn server(models: Models) -> InferenceServiceServer<InferenceGrpc> {
+    InferenceServiceServer::new(InferenceGrpc { models }).max_decoding_message_size(32 << 20).max_encoding_message_size(64 << 20)
+}
+
+/// The wire form of a model identity.
+pub fn identity(m: &ModelIdentity) -> pb::ModelIdentity {
+    pb::ModelIdentity {
+        name: m.name.clone(),
+        backend: m.backend.as_str().to_owned(),
+        weights_sha256: m.weights_sha256.clone(),
+        tokenizer_sha256: m.tokenizer_sha256.clone(),
+        context_length: u32::try_from(m.context_length).unwrap_or(u32::MAX),
+    }
+}
+
+fn role(r: &str, i: usize) -> Result<Role, Status> {
+    match r {
+        "system" => Ok(Role::System),
+        "user" => Ok(Role::User),
+        "model" | "assistant" => Ok(Role::Assistant),
+        _ => Err(Status::invalid_argument(format!("messages[{i}].role must be system, user or model"))),
+    }
+}
+
+/// The prompt text a request asks for: a raw prompt, or messages through the chat template.
+fn prompt_of(req: &pb::GenerateRequest) -> Result<String, Status> {
+    match (req.prompt.is_empty(), req.messages.is_empty()) {
+        (false, false) => Err(Status::invalid_argument("give either prompt or messages, not both")),
+        (true, true) => Err(Status::invalid_argument("prompt must not be empty (or give messages)")),
+        (false, true) => Ok(req.prompt.clone()),
+        (true, false) => {
+            let messages = req
+                .messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Ok(ChatMessage::new(role(&m.role, i)?, m.content.clone())))
+                .collect::<Result<Vec<_>, Status>>()?;
+            Ok(chat_prompt(&messages)?)
+        }
+    }
+}
+
+/// Wire parameters to validated ones. Absent parameters mean greedy with the defaults;
+/// 0 for top_p and repetition_penalty means "off" (1).
+fn params_of(p: Option<&pb::GenerationParameters>) -> Result<GenerateParams, Status> {
+    let params = match p {
+        None => GenerateParams::default(),
+        Some(p) => GenerateParams {
+            max_tokens: p.max_tokens,
+            temperature: p.temperature,
+            top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
+            top_k: p.top_k,
+            repetition_penalty: if p.repetition_penalty == 0.0 { 1.0 } else { p.repetition_penalty },
+            seed: Some(p.seed),
+            stop: p.stop.clone(),
+        },
+    };
+    params.validate()?;
+    Ok(params)
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl InferenceService for InferenceGrpc {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let engine = self.models.engine_or_unavailable()?;
+        let req = request.into_inner();
+        let prompt = prompt_of(&req)?;
+        let params = params_of(req.parameters.as_ref())?;
+        let events = engine.generate(prompt, params);
+        // Dropping this stream (the client went away) drops the engine's stream, which stops
+        // generation at the next token.
+        let mut text = String::new();
+        let out = events.map(move |ev| match ev {
+            Ok(GenerationEvent::Token(t)) => {
+                text.push_str(&t.text);
+                Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Token(pb::Token { id: t.id, text: t.text })) })
+            }
+            Ok(GenerationEvent::Finished(c)) => Ok(pb::GenerateResponse {
+                event: Some(pb::generate_response::Event::Final(pb::Final {
+                    usage: Some(pb::Usage {
+                        prompt_tokens: u32::try_from(c.usage.prompt_tokens).unwrap_or(u32::MAX),
+                        completion_tokens: u32::try_from(c.usage.completion_tokens).unwrap_or(u32::MAX),
+                    }),
+                    finish_reason: c.finish_reason.as_str().to_owned(),
+                    model: Some(identity(&c.model)),
+                    text: std::mem::take(&mut text),
+                })),
+            }),
+            Err(e) => Err(Status::from(e)),
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let req = request.into_inner();
+        if req.text.len() > MAX_TEXT_BYTES {
+            return Err(Status::invalid_argument(format!("text must be at most {MAX_TEXT_BYTES} bytes")));
+        }
+        let tok = self.models.engine_or_unavailable()?.tokenizer().ok_or_else(|| Status::unimplemented("this backend has no local tokenizer"))?;
+        Ok(Response::new(pb::TokenizeResponse { ids: tok.encode(&req.text, req.add_bos)? }))
+    }
+
+    async fn count_tokens(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::CountTokensResponse>, Status> {
+        let req = request.into_inner();
+        if req.text.len() > MAX_TEXT_BYTES {
+            return Err(Status::invalid_argument(format!("text must be at most {MAX_TEXT_BYTES} bytes")));
+        }
+        let tok = self.models.engine_or_unavailable()?.tokenizer().ok_or_else(|| Status::unimplemented("this backend has no local tokenizer"))?;
+        let n = tok.encode(&req.text, req.add_bos)?.len();
+        Ok(Response::new(pb::CountTokensResponse { count: u32::try_from(n).unwrap_or(u32::MAX) }))
+    }
+
+    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let req = request.into_inner();
+        let embedder = self.models.embedder.get().ok_or_else(|| Status::unavailable("no embedding model is loaded"))?;
+        if req.texts.is_empty() {
+            return Err(Status::invalid_argument("texts must not be empty"));
+        }
+        if req.texts.len() > MAX_EMBED_TEXTS {
+            return Err(Status::invalid_argument(format!("texts must hold at most {MAX_EMBED_TEXTS} entries")));
+        }
+        if let Some(i) = req.texts.iter().position(|t| t.trim().is_empty() || t.len() > MAX_TEXT_BYTES) {
+            return Err(Status::invalid_argument(format!("texts[{i}] must be non-empty and at most {MAX_TEXT_BYTES} bytes")));
+        }
+        let vectors = embedder.embed(req.texts).await?;
+        Ok(Response::new(pb::EmbedResponse {
+            dimensions: u32::try_from(embedder.dimension()).unwrap_or(u32::MAX),
+            model: embedder.identity().name.clone(),
+            embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
+        }))
+    }
+
+    async fn model_info(&self, _request: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        let engine = self.models.engine_or_unavailable()?;
+        let emb = self.models.embedder.get();
+        Ok(Response::new(pb::ModelInfoResponse {
+            model: Some(identity(engine.identity())),
+            embedding_model: emb.map(|e| e.identity().name.clone()).unwrap_or_default(),
+            embedding_dimensions: emb.map_or(0, |e| u32::try_from(e.dimension()).unwrap_or(0)),
+        }))
+    }
+}
