@@ -79,7 +79,32 @@ pub async fn start_server(pool: sqlx::PgPool, limits: chartline_fhir::Limits) ->
     }
 }
 
+/// The real servers with the embedded model loaded (waits until it is).
+pub async fn start_server_with_model(pool: sqlx::PgPool, summary: chartline_cds::summary::SummaryConfig) -> TestServer {
+    let store = chartline_store::Store::from_pool(pool);
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
+    let model = models_dir().join("gemma3-270m/gemma-3-270m-q4_k_m.gguf");
+    let counter = chartline::tokens::ModelTokenCounter::load(&model).expect("the embedded model (run scripts/install-models.sh)");
+    let mut services = chartline::server::Services::without_model(store, chartline_fhir::Limits::default(), counter);
+    services.models = Some(chartline::server::ModelPaths { model, embedding: Some(models_dir().join("all-minilm-l6-v2")) });
+    services.summary = summary;
+    let running = chartline::server::start(services, grpc, http).await.expect("servers start");
+    running.model_ready().await.expect("model loads");
+    TestServer {
+        fhir: format!("http://{}/fhir", running.http_addr),
+        grpc: format!("http://{}", running.grpc_addr),
+        running,
+        http: reqwest::Client::new(),
+    }
+}
+
 impl TestServer {
+    /// The server's HTTP root (`http://127.0.0.1:PORT`).
+    pub fn http_root(&self) -> String {
+        format!("http://{}", self.running.http_addr)
+    }
+
     /// POSTs a body to `/fhir{path}` and returns status and JSON.
     pub async fn post(&self, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
         let r = self

@@ -202,6 +202,19 @@ impl Summarizer {
             .await?
             .into_inner();
 
+        // The structured sections shown beside the narrative are not cut to the model's
+        // budget: a clinician sees every active problem, medication and allergy.
+        let full = self
+            .timeline
+            .clone()
+            .build_prompt(BuildPromptRequest {
+                patient_id: patient_id.to_owned(),
+                task: TASK.to_owned(),
+                token_budget: 1_000_000,
+                as_of: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: 0 }),
+            })
+            .await?
+            .into_inner();
         let params = summary_parameters(&self.config);
         let started_at = Utc::now();
         let clock = Instant::now();
@@ -217,7 +230,7 @@ impl Summarizer {
             v.dedup();
             v
         };
-        let sections: Vec<(String, String, String, String)> = prompt
+        let sections: Vec<(String, String, String, String)> = full
             .sections
             .iter()
             .filter(|s| STRUCTURED_SECTIONS.contains(&s.key.as_str()))

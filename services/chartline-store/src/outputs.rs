@@ -283,6 +283,8 @@ impl Store {
         .fetch_one(tx.conn())
         .await?;
         tx.write(fhir, None).await?;
+        // Delivered when (and only if) the transaction commits.
+        sqlx::query("select pg_notify('summary_job', $1)").bind(format!("stored {}", output.patient_id)).execute(tx.conn()).await?;
         if let Some(job) = job {
             sqlx::query("delete from summary_job where patient_id = $1 and generation = $2")
                 .bind(&job.patient_id)
@@ -314,13 +316,10 @@ impl Store {
         row.as_ref().map(output_row).transpose()
     }
 
-    /// Outputs, newest first.
+    /// Outputs, newest first, each with its provenance.
     pub async fn list_outputs(&self, f: &OutputFilter) -> Result<Vec<(OutputRow, ProvenanceRow)>, StoreError> {
         let rows = sqlx::query(
-            "select o.*, p.seq, p.output_id, p.model_name, p.backend, p.weights_sha256, p.tokenizer_sha256, p.template_version,
-                    p.prompt_sha256, p.prompt_text, p.inputs, p.parameters, p.requester, p.started_at, p.finished_at,
-                    p.latency_ms, p.output_sha256 as p_output_sha256, p.content_sha256, p.prev_hash, p.row_hash
-             from ai_output o join provenance p on p.output_id = o.id
+            "select o.* from ai_output o join provenance p on p.output_id = o.id
              where ($1::text is null or o.patient_id = $1) and ($2::text is null or p.model_name = $2)
                and ($3::timestamptz is null or o.created_at >= $3) and ($4::timestamptz is null or o.created_at <= $4)
              order by o.created_at desc, o.id limit $5",
@@ -332,11 +331,15 @@ impl Store {
         .bind(if f.limit <= 0 { 100 } else { f.limit.min(1000) })
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let o = output_row(r)?;
-                let mut p = provenance_row(r)?;
-                p.content.output_sha256 = r.try_get("p_output_sha256")?;
+        let outputs: Vec<OutputRow> = rows.iter().map(output_row).collect::<Result<_, _>>()?;
+        let ids: Vec<Uuid> = outputs.iter().map(|o| o.id).collect();
+        let prov = sqlx::query("select * from provenance where output_id = any($1)").bind(&ids).fetch_all(&self.pool).await?;
+        let mut by_id: std::collections::HashMap<Uuid, ProvenanceRow> =
+            prov.iter().map(|r| provenance_row(r).map(|p| (p.output_id, p))).collect::<Result<_, _>>()?;
+        outputs
+            .into_iter()
+            .map(|o| {
+                let p = by_id.remove(&o.id).ok_or_else(|| StoreError::Corrupt(format!("output {} has no provenance", o.id)))?;
                 Ok((o, p))
             })
             .collect()
@@ -385,8 +388,14 @@ impl Store {
         .bind(lease)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| Ok(LeasedJob { patient_id: r.try_get("patient_id")?, generation: r.try_get("generation")?, attempts: r.try_get("attempts")? }))
-            .transpose()
+        let job = row
+            .map(|r| Ok::<_, StoreError>(LeasedJob { patient_id: r.try_get("patient_id")?, generation: r.try_get("generation")?, attempts: r.try_get("attempts")? }))
+            .transpose()?;
+        if let Some(j) = &job {
+            // Monitoring (and tests) can LISTEN summary_job instead of polling.
+            sqlx::query("select pg_notify('summary_job', $1)").bind(format!("leased {}", j.patient_id)).execute(&self.pool).await?;
+        }
+        Ok(job)
     }
 
     /// Gives a failed job back with exponential backoff (capped), recording why.
