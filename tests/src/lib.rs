@@ -81,7 +81,19 @@ pub async fn start_server(pool: sqlx::PgPool, limits: chartline_fhir::Limits) ->
 
 /// The real servers with the embedded model loaded (waits until it is).
 pub async fn start_server_with_model(pool: sqlx::PgPool, summary: chartline_cds::summary::SummaryConfig) -> TestServer {
-    let store = chartline_store::Store::from_pool(pool);
+    start_server_with_worker(pool, summary, None).await
+}
+
+/// The real servers with the model and, when given, a summary worker (jobs due at once).
+pub async fn start_server_with_worker(
+    pool: sqlx::PgPool,
+    summary: chartline_cds::summary::SummaryConfig,
+    worker: Option<chartline_cds::worker::WorkerConfig>,
+) -> TestServer {
+    let mut store = chartline_store::Store::from_pool(pool);
+    if worker.is_some() {
+        store = store.with_summary_debounce(chrono::Duration::zero());
+    }
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
     let model = models_dir().join("gemma3-270m/gemma-3-270m-q4_k_m.gguf");
@@ -89,6 +101,7 @@ pub async fn start_server_with_model(pool: sqlx::PgPool, summary: chartline_cds:
     let mut services = chartline::server::Services::without_model(store, chartline_fhir::Limits::default(), counter);
     services.models = Some(chartline::server::ModelPaths { model, embedding: Some(models_dir().join("all-minilm-l6-v2")) });
     services.summary = summary;
+    services.worker = worker;
     let running = chartline::server::start(services, grpc, http).await.expect("servers start");
     running.model_ready().await.expect("model loads");
     TestServer {

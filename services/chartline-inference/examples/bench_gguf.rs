@@ -19,12 +19,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
     let requantize_q5_0 = !std::env::args().any(|a| a == "--no-requant");
-    println!("threads: {} (CANDLE_NUM_THREADS / physical cores)", candle_threads());
+    println!(
+        "threads: {} (CANDLE_NUM_THREADS / physical cores)",
+        candle_threads()
+    );
 
     let started = Instant::now();
-    let options = GgufOptions { context_length: Some(2048), requantize_q5_0, ..Default::default() };
-    let mut backend = load_gguf(models.join("gemma3-270m/gemma-3-270m-q4_k_m.gguf"), &options)?;
-    println!("gemma load: {:.2} s (Q5_0 -> Q8_0: {requantize_q5_0}), RSS {} MiB", started.elapsed().as_secs_f64(), rss_mib("VmRSS"));
+    let options = GgufOptions {
+        context_length: Some(2048),
+        requantize_q5_0,
+        ..Default::default()
+    };
+    let mut backend = load_gguf(
+        models.join("gemma3-270m/gemma-3-270m-q4_k_m.gguf"),
+        &options,
+    )?;
+    println!(
+        "gemma load: {:.2} s (Q5_0 -> Q8_0: {requantize_q5_0}), RSS {} MiB",
+        started.elapsed().as_secs_f64(),
+        rss_mib("VmRSS")
+    );
 
     let tokenizer = backend.tokenizer().ok_or("no tokenizer")?.clone();
     let text = "The patient is a 67-year-old man with a history of hypertension, type 2 diabetes mellitus \
@@ -53,7 +67,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "gemma3-270m Q4_K_M: prefill {:.1} tok/s (512-token prompt, best of 3; runs {}), decode {decode:.1} tok/s (128 tokens)",
         prefill.iter().copied().fold(0.0, f64::max),
-        prefill.iter().map(|p| format!("{p:.0}")).collect::<Vec<_>>().join("/"),
+        prefill
+            .iter()
+            .map(|p| format!("{p:.0}"))
+            .collect::<Vec<_>>()
+            .join("/"),
     );
     println!("peak RSS after gemma: {} MiB", rss_mib("VmHWM"));
     drop(backend);
@@ -76,7 +94,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().fold(0, |best, (i, x)| if *x > v[best] { i } else { best }) as u32
+    v.iter()
+        .enumerate()
+        .fold(0, |best, (i, x)| if *x > v[best] { i } else { best }) as u32
 }
 
 fn candle_threads() -> String {
@@ -87,9 +107,11 @@ fn rss_mib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
         })
         .map_or(0, |kb| kb / 1024)
 }

@@ -110,5 +110,9 @@ pub trait Backend: Send + 'static {
     /// Generates for `request`, delivering tokens to `sink`, and returns how it ended.
     /// Errors that concern the request (an over-long prompt) are
     /// [`InvalidArgument`](crate::ErrorCategory::InvalidArgument).
-    fn generate(&mut self, request: &GenerationRequest, sink: &mut dyn TokenSink) -> Result<Completion>;
+    fn generate(
+        &mut self,
+        request: &GenerationRequest,
+        sink: &mut dyn TokenSink,
+    ) -> Result<Completion>;
 }

@@ -28,7 +28,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message from `role`.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        ChatMessage { role, content: content.into() }
+        ChatMessage {
+            role,
+            content: content.into(),
+        }
     }
 
     /// A system message.
@@ -72,19 +75,31 @@ pub fn chat_prompt(messages: &[ChatMessage]) -> Result<String> {
     }
     let mut out = String::new();
     for (i, message) in turns.iter().enumerate() {
-        let expected = if i % 2 == 0 { Role::User } else { Role::Assistant };
+        let expected = if i % 2 == 0 {
+            Role::User
+        } else {
+            Role::Assistant
+        };
         if message.role != expected {
             let reason = if message.role == Role::System {
-                "must be user or assistant: only the first message may be a system message".to_owned()
+                "must be user or assistant: only the first message may be a system message"
+                    .to_owned()
             } else {
                 format!(
                     "must be {} here: roles must alternate user/assistant, starting with user",
                     role_name(expected)
                 )
             };
-            return Err(Error::invalid(format!("messages[{}].role", i + offset), reason));
+            return Err(Error::invalid(
+                format!("messages[{}].role", i + offset),
+                reason,
+            ));
         }
-        let role = if message.role == Role::User { "user" } else { "model" };
+        let role = if message.role == Role::User {
+            "user"
+        } else {
+            "model"
+        };
         out.push_str("<start_of_turn>");
         out.push_str(role);
         out.push('\n');
@@ -150,13 +165,21 @@ mod tests {
         assert!(e.starts_with("messages[1].role must be assistant"), "{e}");
 
         let e = chat_prompt(&[ChatMessage::system("s"), ChatMessage::assistant("a")]);
-        assert_eq!(e.err().and_then(|e| e.field().map(str::to_owned)).as_deref(), Some("messages[1].role"));
+        assert_eq!(
+            e.err()
+                .and_then(|e| e.field().map(str::to_owned))
+                .as_deref(),
+            Some("messages[1].role")
+        );
     }
 
     #[test]
     fn empty_or_system_only_or_model_last_is_rejected() {
         assert!(chat_prompt(&[]).is_err(), "empty conversation");
-        assert!(chat_prompt(&[ChatMessage::system("s")]).is_err(), "system only");
+        assert!(
+            chat_prompt(&[ChatMessage::system("s")]).is_err(),
+            "system only"
+        );
         assert!(
             chat_prompt(&[ChatMessage::user("q"), ChatMessage::assistant("a")]).is_err(),
             "conversation ending with the model"

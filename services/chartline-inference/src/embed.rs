@@ -44,13 +44,21 @@ impl Embedder {
             .name(format!("embed-{}", identity.name))
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.embed(&job.texts)))
-                        .unwrap_or_else(|_| Err(Error::Internal("the embedding model panicked".into())));
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        model.embed(&job.texts)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(Error::Internal("the embedding model panicked".into()))
+                    });
                     let _ = job.reply.send(result);
                 }
             })
             .map_err(|e| Error::Internal(format!("cannot start the embedding thread: {e}")))?;
-        Ok(Embedder { jobs, identity, dimension })
+        Ok(Embedder {
+            jobs,
+            identity,
+            dimension,
+        })
     }
 
     /// Embeds `texts`: one L2-normalised vector of [`dimension`](Self::dimension) floats per
@@ -63,7 +71,8 @@ impl Embedder {
         self.jobs
             .send(EmbedJob { texts, reply })
             .map_err(|_| Error::Unavailable("the embedding thread has stopped".into()))?;
-        rx.await.map_err(|_| Error::Unavailable("the embedding thread dropped the request".into()))?
+        rx.await
+            .map_err(|_| Error::Unavailable("the embedding thread dropped the request".into()))?
     }
 
     /// Length of each embedding (384 for MiniLM-L6).
@@ -93,10 +102,15 @@ impl MiniLm {
         }
         let file = |name: &str| -> Result<PathBuf> {
             let p = dir.join(name);
-            if p.is_file() { Ok(p) } else { Err(Error::NotFound(p)) }
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(Error::NotFound(p))
+            }
         };
         let config_path = file("config.json")?;
-        let config_text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config_text =
+            std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config: BertConfig = serde_json::from_str(&config_text)
             .map_err(|e| Error::InvalidModel(format!("{}: {e}", config_path.display())))?;
 
@@ -110,15 +124,22 @@ impl MiniLm {
             .min(config.max_position_embeddings);
 
         let tokenizer_path = file("tokenizer.json")?;
-        let tokenizer_bytes = std::fs::read(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
-        let mut tokenizer = tokenizers::Tokenizer::from_bytes(&tokenizer_bytes).map_err(Error::tokenizer)?;
+        let tokenizer_bytes =
+            std::fs::read(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
+        let mut tokenizer =
+            tokenizers::Tokenizer::from_bytes(&tokenizer_bytes).map_err(Error::tokenizer)?;
         // The file pads and truncates at 128; pad per batch instead and truncate at the
         // model's real limit.
         tokenizer.with_padding(None);
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length: max_tokens, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
             .map_err(Error::tokenizer)?;
-        let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(config.pad_token_id as u32);
+        let pad_id = tokenizer
+            .token_to_id("[PAD]")
+            .unwrap_or(config.pad_token_id as u32);
 
         let weights_path = file("model.safetensors")?;
         let weights = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
@@ -126,7 +147,10 @@ impl MiniLm {
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)?;
         let model = BertModel::load(vb, &config)?;
 
-        let name = dir.file_name().map_or_else(|| "embedding-model".to_owned(), |n| n.to_string_lossy().into_owned());
+        let name = dir.file_name().map_or_else(
+            || "embedding-model".to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
         let identity = ModelIdentity {
             name,
             backend: BackendKind::Safetensors,
@@ -134,7 +158,14 @@ impl MiniLm {
             tokenizer_sha256: hex::encode(Sha256::digest(&tokenizer_bytes)),
             context_length: max_tokens,
         };
-        Ok(MiniLm { model, tokenizer, pad_id, dimension: config.hidden_size, identity, device })
+        Ok(MiniLm {
+            model,
+            tokenizer,
+            pad_id,
+            dimension: config.hidden_size,
+            identity,
+            device,
+        })
     }
 
     fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
@@ -148,7 +179,11 @@ impl MiniLm {
     fn embed_batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         let encodings = texts
             .iter()
-            .map(|t| self.tokenizer.encode_fast(t.as_str(), true).map_err(Error::tokenizer))
+            .map(|t| {
+                self.tokenizer
+                    .encode_fast(t.as_str(), true)
+                    .map_err(Error::tokenizer)
+            })
             .collect::<Result<Vec<_>>>()?;
         let longest = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
         let mut ids = Vec::with_capacity(texts.len() * longest);

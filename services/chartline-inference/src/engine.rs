@@ -17,7 +17,8 @@ use futures::Stream;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::backend::{
-    Backend, Completion, FinishReason, GeneratedToken, GenerationEvent, GenerationRequest, TokenSink,
+    Backend, Completion, FinishReason, GeneratedToken, GenerationEvent, GenerationRequest,
+    TokenSink,
 };
 use crate::error::{Error, Result};
 use crate::gemma3::{GgufOptions, load_gguf};
@@ -43,7 +44,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("identity", &self.identity).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
     }
 }
 
@@ -62,7 +65,12 @@ impl Engine {
                 worker(backend, rx);
             })
             .map_err(|e| Error::Internal(format!("cannot start the model thread: {e}")))?;
-        Ok(Engine { jobs, running, identity, tokenizer })
+        Ok(Engine {
+            jobs,
+            running,
+            identity,
+            tokenizer,
+        })
     }
 
     /// Loads a Gemma 3 GGUF model (see [`load_gguf`]) and starts its thread. Blocking; from
@@ -93,20 +101,34 @@ impl Engine {
     pub fn generate(&self, prompt: impl Into<String>, params: GenerateParams) -> GenerationStream {
         let (events, rx) = unbounded_channel();
         let prompt = prompt.into();
-        let check = if prompt.is_empty() { Err(Error::invalid("prompt", "must not be empty")) } else { params.validate() };
+        let check = if prompt.is_empty() {
+            Err(Error::invalid("prompt", "must not be empty"))
+        } else {
+            params.validate()
+        };
         if let Err(e) = check {
             let _ = events.send(Err(e));
             return GenerationStream { rx };
         }
-        let job = Job { request: GenerationRequest { prompt, params }, events, span: tracing::Span::current() };
+        let job = Job {
+            request: GenerationRequest { prompt, params },
+            events,
+            span: tracing::Span::current(),
+        };
         if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
-            let _ = job.events.send(Err(Error::Unavailable("the model thread has stopped".into())));
+            let _ = job.events.send(Err(Error::Unavailable(
+                "the model thread has stopped".into(),
+            )));
         }
         GenerationStream { rx }
     }
 
     /// Generates and collects the whole output text and how it ended.
-    pub async fn generate_text(&self, prompt: impl Into<String>, params: GenerateParams) -> Result<(String, Completion)> {
+    pub async fn generate_text(
+        &self,
+        prompt: impl Into<String>,
+        params: GenerateParams,
+    ) -> Result<(String, Completion)> {
         use futures::StreamExt as _;
         let mut stream = self.generate(prompt, params);
         let mut text = String::new();
@@ -116,7 +138,9 @@ impl Engine {
                 GenerationEvent::Finished(c) => return Ok((text, c)),
             }
         }
-        Err(Error::Unavailable("the model thread ended the stream without finishing".into()))
+        Err(Error::Unavailable(
+            "the model thread ended the stream without finishing".into(),
+        ))
     }
 }
 
@@ -164,11 +188,17 @@ fn worker(mut backend: impl Backend, jobs: mpsc::Receiver<Job>) {
             continue;
         }
         let started = std::time::Instant::now();
-        let mut sink = ChannelSink { events: &job.events };
+        let mut sink = ChannelSink {
+            events: &job.events,
+        };
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
             backend.generate(&job.request, &mut sink)
         }))
-        .unwrap_or_else(|_| Err(Error::Internal("the model panicked during generation".into())));
+        .unwrap_or_else(|_| {
+            Err(Error::Internal(
+                "the model panicked during generation".into(),
+            ))
+        });
         match outcome {
             Ok(completion) => {
                 tracing::debug!(

@@ -64,7 +64,10 @@ impl Error {
     /// A request field error: `Error::invalid("temperature", "must be in [0, 2]")` displays as
     /// `temperature must be in [0, 2]`.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument { field: field.into(), reason: reason.into() }
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// The protocol-neutral category of this error.
@@ -93,7 +96,10 @@ impl Error {
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn tokenizer(err: impl std::fmt::Display) -> Self {

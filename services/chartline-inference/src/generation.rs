@@ -1,7 +1,9 @@
 //! The decode loop shared by local models: prefill in chunks, sample, detokenize
 //! incrementally, stop on end tokens, stop sequences or `max_tokens`.
 
-use crate::backend::{Backend, Completion, FinishReason, GeneratedToken, GenerationRequest, TokenSink, Usage};
+use crate::backend::{
+    Backend, Completion, FinishReason, GeneratedToken, GenerationRequest, TokenSink, Usage,
+};
 use crate::error::Result;
 use crate::identity::ModelIdentity;
 use crate::params::check_context;
@@ -32,7 +34,11 @@ pub struct LocalBackend<M> {
 impl<M: CausalLm> LocalBackend<M> {
     /// Pairs a model with its tokenizer and identity.
     pub fn new(model: M, tokenizer: Tokenizer, identity: ModelIdentity) -> Self {
-        LocalBackend { model, tokenizer, identity }
+        LocalBackend {
+            model,
+            tokenizer,
+            identity,
+        }
     }
 
     /// The model.
@@ -55,12 +61,23 @@ impl<M: CausalLm> Backend for LocalBackend<M> {
         Some(&self.tokenizer)
     }
 
-    fn generate(&mut self, request: &GenerationRequest, sink: &mut dyn TokenSink) -> Result<Completion> {
+    fn generate(
+        &mut self,
+        request: &GenerationRequest,
+        sink: &mut dyn TokenSink,
+    ) -> Result<Completion> {
         let params = &request.params;
         let prompt_ids = self.tokenizer.encode(&request.prompt, true)?;
-        check_context(prompt_ids.len(), params.max_tokens, self.model.context_length())?;
+        check_context(
+            prompt_ids.len(),
+            params.max_tokens,
+            self.model.context_length(),
+        )?;
         let seed = (!params.is_greedy()).then(|| params.seed.unwrap_or_else(fresh_seed));
-        let mut usage = Usage { prompt_tokens: prompt_ids.len(), completion_tokens: 0 };
+        let mut usage = Usage {
+            prompt_tokens: prompt_ids.len(),
+            completion_tokens: 0,
+        };
         let finish = |reason: FinishReason, usage: Usage| Completion {
             usage,
             finish_reason: reason,
@@ -91,7 +108,10 @@ impl<M: CausalLm> Backend for LocalBackend<M> {
             } else {
                 text.push(token, at_limit)?
             };
-            if !sink.token(GeneratedToken { id: token, text: released }) {
+            if !sink.token(GeneratedToken {
+                id: token,
+                text: released,
+            }) {
                 return Ok(finish(FinishReason::Cancelled, usage));
             }
             let reason = if hit_stop {
@@ -126,15 +146,26 @@ pub(crate) struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     pub(crate) fn new(tokenizer: &'a Tokenizer, stop: &'a [String]) -> Self {
-        TextStream { tokenizer, stop, ids: Vec::new(), prefix_offset: 0, read_offset: 0, pending: String::new() }
+        TextStream {
+            tokenizer,
+            stop,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            pending: String::new(),
+        }
     }
 
     /// Adds a token. Returns the text to release and whether a stop sequence was reached
     /// (then the text is everything before it). With `last`, releases all that is left.
     pub(crate) fn push(&mut self, id: u32, last: bool) -> Result<(String, bool)> {
         self.ids.push(id);
-        let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let full = self.tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        let prefix = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..], true)?;
         if let Some(delta) = full.get(prefix.len()..)
             && !delta.is_empty()
             && !full.ends_with('\u{FFFD}')
@@ -158,8 +189,12 @@ impl<'a> TextStream<'a> {
 
     /// Releases everything left, including a trailing incomplete character.
     pub(crate) fn finish(&mut self) -> Result<String> {
-        let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let full = self.tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        let prefix = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..], true)?;
         if let Some(delta) = full.get(prefix.len()..) {
             self.pending.push_str(delta);
         }
@@ -169,7 +204,10 @@ impl<'a> TextStream<'a> {
     }
 
     fn earliest_stop(&self) -> Option<usize> {
-        self.stop.iter().filter_map(|s| self.pending.find(s.as_str())).min()
+        self.stop
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
     }
 
     /// Bytes at the end of `pending` that could begin a stop sequence.

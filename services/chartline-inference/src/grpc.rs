@@ -10,7 +10,10 @@ use chartline_proto::v1::inference_service_server::{InferenceService, InferenceS
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::{ChatMessage, Embedder, Engine, Error, ErrorCategory, GenerateParams, GenerationEvent, ModelIdentity, Role, chat_prompt};
+use crate::{
+    ChatMessage, Embedder, Engine, Error, ErrorCategory, GenerateParams, GenerationEvent,
+    ModelIdentity, Role, chat_prompt,
+};
 
 /// Most texts one `Embed` call may carry.
 pub const MAX_EMBED_TEXTS: usize = 256;
@@ -61,7 +64,9 @@ impl Models {
     }
 
     fn engine_or_unavailable(&self) -> Result<&Engine, Status> {
-        self.engine.get().ok_or_else(|| Status::unavailable("the model is still loading"))
+        self.engine
+            .get()
+            .ok_or_else(|| Status::unavailable("the model is still loading"))
     }
 }
 
@@ -73,7 +78,9 @@ pub struct InferenceGrpc {
 
 /// The tonic server for `InferenceService`.
 pub fn server(models: Models) -> InferenceServiceServer<InferenceGrpc> {
-    InferenceServiceServer::new(InferenceGrpc { models }).max_decoding_message_size(32 << 20).max_encoding_message_size(64 << 20)
+    InferenceServiceServer::new(InferenceGrpc { models })
+        .max_decoding_message_size(32 << 20)
+        .max_encoding_message_size(64 << 20)
 }
 
 /// The wire form of a model identity.
@@ -92,15 +99,21 @@ fn role(r: &str, i: usize) -> Result<Role, Status> {
         "system" => Ok(Role::System),
         "user" => Ok(Role::User),
         "model" | "assistant" => Ok(Role::Assistant),
-        _ => Err(Status::invalid_argument(format!("messages[{i}].role must be system, user or model"))),
+        _ => Err(Status::invalid_argument(format!(
+            "messages[{i}].role must be system, user or model"
+        ))),
     }
 }
 
 /// The prompt text a request asks for: a raw prompt, or messages through the chat template.
 fn prompt_of(req: &pb::GenerateRequest) -> Result<String, Status> {
     match (req.prompt.is_empty(), req.messages.is_empty()) {
-        (false, false) => Err(Status::invalid_argument("give either prompt or messages, not both")),
-        (true, true) => Err(Status::invalid_argument("prompt must not be empty (or give messages)")),
+        (false, false) => Err(Status::invalid_argument(
+            "give either prompt or messages, not both",
+        )),
+        (true, true) => Err(Status::invalid_argument(
+            "prompt must not be empty (or give messages)",
+        )),
         (false, true) => Ok(req.prompt.clone()),
         (true, false) => {
             let messages = req
@@ -124,7 +137,11 @@ fn params_of(p: Option<&pb::GenerationParameters>) -> Result<GenerateParams, Sta
             temperature: p.temperature,
             top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
             top_k: p.top_k,
-            repetition_penalty: if p.repetition_penalty == 0.0 { 1.0 } else { p.repetition_penalty },
+            repetition_penalty: if p.repetition_penalty == 0.0 {
+                1.0
+            } else {
+                p.repetition_penalty
+            },
             seed: Some(p.seed),
             stop: p.stop.clone(),
         },
@@ -133,13 +150,17 @@ fn params_of(p: Option<&pb::GenerationParameters>) -> Result<GenerateParams, Sta
     Ok(params)
 }
 
-type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static>>;
+type GenerateStream =
+    Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl InferenceService for InferenceGrpc {
     type GenerateStream = GenerateStream;
 
-    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
         let engine = self.models.engine_or_unavailable()?;
         let req = request.into_inner();
         let prompt = prompt_of(&req)?;
@@ -151,13 +172,19 @@ impl InferenceService for InferenceGrpc {
         let out = events.map(move |ev| match ev {
             Ok(GenerationEvent::Token(t)) => {
                 text.push_str(&t.text);
-                Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Token(pb::Token { id: t.id, text: t.text })) })
+                Ok(pb::GenerateResponse {
+                    event: Some(pb::generate_response::Event::Token(pb::Token {
+                        id: t.id,
+                        text: t.text,
+                    })),
+                })
             }
             Ok(GenerationEvent::Finished(c)) => Ok(pb::GenerateResponse {
                 event: Some(pb::generate_response::Event::Final(pb::Final {
                     usage: Some(pb::Usage {
                         prompt_tokens: u32::try_from(c.usage.prompt_tokens).unwrap_or(u32::MAX),
-                        completion_tokens: u32::try_from(c.usage.completion_tokens).unwrap_or(u32::MAX),
+                        completion_tokens: u32::try_from(c.usage.completion_tokens)
+                            .unwrap_or(u32::MAX),
                     }),
                     finish_reason: c.finish_reason.as_str().to_owned(),
                     model: Some(identity(&c.model)),
@@ -169,46 +196,89 @@ impl InferenceService for InferenceGrpc {
         Ok(Response::new(Box::pin(out)))
     }
 
-    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let req = request.into_inner();
         if req.text.len() > MAX_TEXT_BYTES {
-            return Err(Status::invalid_argument(format!("text must be at most {MAX_TEXT_BYTES} bytes")));
+            return Err(Status::invalid_argument(format!(
+                "text must be at most {MAX_TEXT_BYTES} bytes"
+            )));
         }
-        let tok = self.models.engine_or_unavailable()?.tokenizer().ok_or_else(|| Status::unimplemented("this backend has no local tokenizer"))?;
-        Ok(Response::new(pb::TokenizeResponse { ids: tok.encode(&req.text, req.add_bos)? }))
+        let tok = self
+            .models
+            .engine_or_unavailable()?
+            .tokenizer()
+            .ok_or_else(|| Status::unimplemented("this backend has no local tokenizer"))?;
+        Ok(Response::new(pb::TokenizeResponse {
+            ids: tok.encode(&req.text, req.add_bos)?,
+        }))
     }
 
-    async fn count_tokens(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::CountTokensResponse>, Status> {
+    async fn count_tokens(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::CountTokensResponse>, Status> {
         let req = request.into_inner();
         if req.text.len() > MAX_TEXT_BYTES {
-            return Err(Status::invalid_argument(format!("text must be at most {MAX_TEXT_BYTES} bytes")));
+            return Err(Status::invalid_argument(format!(
+                "text must be at most {MAX_TEXT_BYTES} bytes"
+            )));
         }
-        let tok = self.models.engine_or_unavailable()?.tokenizer().ok_or_else(|| Status::unimplemented("this backend has no local tokenizer"))?;
+        let tok = self
+            .models
+            .engine_or_unavailable()?
+            .tokenizer()
+            .ok_or_else(|| Status::unimplemented("this backend has no local tokenizer"))?;
         let n = tok.encode(&req.text, req.add_bos)?.len();
-        Ok(Response::new(pb::CountTokensResponse { count: u32::try_from(n).unwrap_or(u32::MAX) }))
+        Ok(Response::new(pb::CountTokensResponse {
+            count: u32::try_from(n).unwrap_or(u32::MAX),
+        }))
     }
 
-    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+    async fn embed(
+        &self,
+        request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
         let req = request.into_inner();
-        let embedder = self.models.embedder.get().ok_or_else(|| Status::unavailable("no embedding model is loaded"))?;
+        let embedder = self
+            .models
+            .embedder
+            .get()
+            .ok_or_else(|| Status::unavailable("no embedding model is loaded"))?;
         if req.texts.is_empty() {
             return Err(Status::invalid_argument("texts must not be empty"));
         }
         if req.texts.len() > MAX_EMBED_TEXTS {
-            return Err(Status::invalid_argument(format!("texts must hold at most {MAX_EMBED_TEXTS} entries")));
+            return Err(Status::invalid_argument(format!(
+                "texts must hold at most {MAX_EMBED_TEXTS} entries"
+            )));
         }
-        if let Some(i) = req.texts.iter().position(|t| t.trim().is_empty() || t.len() > MAX_TEXT_BYTES) {
-            return Err(Status::invalid_argument(format!("texts[{i}] must be non-empty and at most {MAX_TEXT_BYTES} bytes")));
+        if let Some(i) = req
+            .texts
+            .iter()
+            .position(|t| t.trim().is_empty() || t.len() > MAX_TEXT_BYTES)
+        {
+            return Err(Status::invalid_argument(format!(
+                "texts[{i}] must be non-empty and at most {MAX_TEXT_BYTES} bytes"
+            )));
         }
         let vectors = embedder.embed(req.texts).await?;
         Ok(Response::new(pb::EmbedResponse {
             dimensions: u32::try_from(embedder.dimension()).unwrap_or(u32::MAX),
             model: embedder.identity().name.clone(),
-            embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
+            embeddings: vectors
+                .into_iter()
+                .map(|values| pb::Embedding { values })
+                .collect(),
         }))
     }
 
-    async fn model_info(&self, _request: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
+    async fn model_info(
+        &self,
+        _request: Request<pb::ModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfoResponse>, Status> {
         let engine = self.models.engine_or_unavailable()?;
         let emb = self.models.embedder.get();
         Ok(Response::new(pb::ModelInfoResponse {

@@ -77,8 +77,14 @@ mod tests {
 
     #[test]
     fn backend_kind_serialises_as_its_wire_name() {
-        assert_eq!(serde_json::to_string(&BackendKind::OpenAi).ok().as_deref(), Some("\"openai\""));
-        assert_eq!(serde_json::to_string(&BackendKind::Gguf).ok().as_deref(), Some("\"gguf\""));
+        assert_eq!(
+            serde_json::to_string(&BackendKind::OpenAi).ok().as_deref(),
+            Some("\"openai\"")
+        );
+        assert_eq!(
+            serde_json::to_string(&BackendKind::Gguf).ok().as_deref(),
+            Some("\"gguf\"")
+        );
         assert_eq!(BackendKind::Safetensors.to_string(), "safetensors");
     }
 }

@@ -40,15 +40,16 @@ mod embed;
 mod engine;
 mod error;
 pub mod gemma3;
-pub mod grpc;
 mod generation;
+pub mod grpc;
 mod identity;
 mod params;
 mod sampling;
 mod tokenizer;
 
 pub use backend::{
-    Backend, Completion, FinishReason, GeneratedToken, GenerationEvent, GenerationRequest, TokenSink, Usage,
+    Backend, Completion, FinishReason, GeneratedToken, GenerationEvent, GenerationRequest,
+    TokenSink, Usage,
 };
 pub use chat::{ChatMessage, Role, chat_prompt};
 pub use embed::{EMBED_BATCH, Embedder};

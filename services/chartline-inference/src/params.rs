@@ -51,7 +51,10 @@ impl Default for GenerateParams {
 impl GenerateParams {
     /// Greedy decoding of at most `max_tokens` tokens.
     pub fn greedy(max_tokens: u32) -> Self {
-        GenerateParams { max_tokens, ..Self::default() }
+        GenerateParams {
+            max_tokens,
+            ..Self::default()
+        }
     }
 
     /// Whether these parameters decode greedily.
@@ -71,7 +74,10 @@ impl GenerateParams {
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::invalid("top_p", format!("must be in (0, 1] (got {})", self.top_p)));
+            return Err(Error::invalid(
+                "top_p",
+                format!("must be in (0, 1] (got {})", self.top_p),
+            ));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 2.0) {
             return Err(Error::invalid(
@@ -82,14 +88,20 @@ impl GenerateParams {
         if self.stop.len() > MAX_STOP_SEQUENCES {
             return Err(Error::invalid(
                 "stop",
-                format!("may hold at most {MAX_STOP_SEQUENCES} sequences (got {})", self.stop.len()),
+                format!(
+                    "may hold at most {MAX_STOP_SEQUENCES} sequences (got {})",
+                    self.stop.len()
+                ),
             ));
         }
         for (i, s) in self.stop.iter().enumerate() {
             if s.is_empty() || s.len() > MAX_STOP_SEQUENCE_BYTES {
                 return Err(Error::invalid(
                     format!("stop[{i}]"),
-                    format!("must be 1 to {MAX_STOP_SEQUENCE_BYTES} bytes long (got {})", s.len()),
+                    format!(
+                        "must be 1 to {MAX_STOP_SEQUENCE_BYTES} bytes long (got {})",
+                        s.len()
+                    ),
                 ));
             }
         }
@@ -98,7 +110,11 @@ impl GenerateParams {
 }
 
 /// Checks that a prompt of `prompt_tokens` plus `max_tokens` fits `context_length`.
-pub(crate) fn check_context(prompt_tokens: usize, max_tokens: u32, context_length: usize) -> Result<()> {
+pub(crate) fn check_context(
+    prompt_tokens: usize,
+    max_tokens: u32,
+    context_length: usize,
+) -> Result<()> {
     if prompt_tokens == 0 {
         return Err(Error::invalid("prompt", "must not be empty"));
     }
@@ -120,7 +136,9 @@ mod tests {
     use super::*;
 
     fn field_of(p: GenerateParams) -> Option<String> {
-        p.validate().err().and_then(|e| e.field().map(str::to_owned))
+        p.validate()
+            .err()
+            .and_then(|e| e.field().map(str::to_owned))
     }
 
     #[test]
@@ -133,31 +151,76 @@ mod tests {
     #[test]
     fn each_bad_field_is_named() {
         let d = GenerateParams::default;
-        assert_eq!(field_of(GenerateParams { max_tokens: 0, ..d() }).as_deref(), Some("max_tokens"));
-        assert_eq!(field_of(GenerateParams { temperature: -1.0, ..d() }).as_deref(), Some("temperature"));
-        assert_eq!(field_of(GenerateParams { temperature: f32::NAN, ..d() }).as_deref(), Some("temperature"));
-        assert_eq!(field_of(GenerateParams { top_p: 1.5, ..d() }).as_deref(), Some("top_p"));
-        assert_eq!(field_of(GenerateParams { top_p: 0.0, ..d() }).as_deref(), Some("top_p"));
         assert_eq!(
-            field_of(GenerateParams { repetition_penalty: 0.0, ..d() }).as_deref(),
+            field_of(GenerateParams {
+                max_tokens: 0,
+                ..d()
+            })
+            .as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            field_of(GenerateParams {
+                temperature: -1.0,
+                ..d()
+            })
+            .as_deref(),
+            Some("temperature")
+        );
+        assert_eq!(
+            field_of(GenerateParams {
+                temperature: f32::NAN,
+                ..d()
+            })
+            .as_deref(),
+            Some("temperature")
+        );
+        assert_eq!(
+            field_of(GenerateParams { top_p: 1.5, ..d() }).as_deref(),
+            Some("top_p")
+        );
+        assert_eq!(
+            field_of(GenerateParams { top_p: 0.0, ..d() }).as_deref(),
+            Some("top_p")
+        );
+        assert_eq!(
+            field_of(GenerateParams {
+                repetition_penalty: 0.0,
+                ..d()
+            })
+            .as_deref(),
             Some("repetition_penalty")
         );
         assert_eq!(
-            field_of(GenerateParams { stop: vec!["ok".into(), String::new()], ..d() }).as_deref(),
+            field_of(GenerateParams {
+                stop: vec!["ok".into(), String::new()],
+                ..d()
+            })
+            .as_deref(),
             Some("stop[1]")
         );
     }
 
     #[test]
     fn temperature_message_states_the_limit() {
-        let e = GenerateParams { temperature: -1.0, ..Default::default() }.validate();
-        assert_eq!(e.err().map(|e| e.to_string()).as_deref(), Some("temperature must be in [0, 2] (got -1)"));
+        let e = GenerateParams {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate();
+        assert_eq!(
+            e.err().map(|e| e.to_string()).as_deref(),
+            Some("temperature must be in [0, 2] (got -1)")
+        );
     }
 
     #[test]
     fn context_overflow_names_the_prompt() {
         let e = check_context(100, 30, 128).err();
         assert_eq!(e.as_ref().and_then(|e| e.field()), Some("prompt"));
-        assert!(check_context(100, 28, 128).is_ok(), "exactly full context is allowed");
+        assert!(
+            check_context(100, 28, 128).is_ok(),
+            "exactly full context is allowed"
+        );
     }
 }

@@ -25,7 +25,9 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Rng { s: [next(), next(), next(), next()] }
+        Rng {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     pub(crate) fn next_u64(&mut self) -> u64 {
@@ -97,11 +99,19 @@ impl Sampler {
         if self.repetition_penalty != 1.0 {
             for &id in &self.seen {
                 if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 { *l / self.repetition_penalty } else { *l * self.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / self.repetition_penalty
+                    } else {
+                        *l * self.repetition_penalty
+                    };
                 }
             }
         }
-        let token = if self.temperature == 0.0 { argmax(logits) } else { self.draw(logits) };
+        let token = if self.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
         if self.repetition_penalty != 1.0 {
             self.seen.insert(token);
         }
@@ -111,17 +121,24 @@ impl Sampler {
     fn draw(&mut self, logits: &[f32]) -> u32 {
         // Candidates in a total order: higher logit first, lower id on ties.
         let by_logit = |a: &u32, b: &u32| -> Ordering {
-            key(logits[*b as usize]).total_cmp(&key(logits[*a as usize])).then(a.cmp(b))
+            key(logits[*b as usize])
+                .total_cmp(&key(logits[*a as usize]))
+                .then(a.cmp(b))
         };
         let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
         if self.top_k > 0 && self.top_k < ids.len() {
             ids.select_nth_unstable_by(self.top_k - 1, by_logit);
             ids.truncate(self.top_k);
         }
-        let max = ids.iter().map(|&i| key(logits[i as usize])).fold(f32::NEG_INFINITY, f32::max);
+        let max = ids
+            .iter()
+            .map(|&i| key(logits[i as usize]))
+            .fold(f32::NEG_INFINITY, f32::max);
         let inv_t = 1.0 / self.temperature;
-        let mut probs: Vec<(u32, f32)> =
-            ids.iter().map(|&i| (i, ((key(logits[i as usize]) - max) * inv_t).exp())).collect();
+        let mut probs: Vec<(u32, f32)> = ids
+            .iter()
+            .map(|&i| (i, ((key(logits[i as usize]) - max) * inv_t).exp()))
+            .collect();
         let total: f32 = probs.iter().map(|p| p.1).sum();
 
         if self.top_p < 1.0 {
@@ -184,7 +201,9 @@ mod tests {
     use super::*;
 
     fn logits() -> Vec<f32> {
-        (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect()
+        (0..1000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+            .collect()
     }
 
     #[test]
@@ -196,7 +215,12 @@ mod tests {
 
     #[test]
     fn same_seed_same_choices_other_seed_other_choices() {
-        let params = GenerateParams { temperature: 1.5, top_p: 0.95, top_k: 0, ..Default::default() };
+        let params = GenerateParams {
+            temperature: 1.5,
+            top_p: 0.95,
+            top_k: 0,
+            ..Default::default()
+        };
         let run = |seed| {
             let mut s = Sampler::new(&params, seed, &[]);
             (0..64).map(|_| s.sample(&mut logits())).collect::<Vec<_>>()
@@ -207,7 +231,11 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let params = GenerateParams { temperature: 1.0, top_k: 1, ..Default::default() };
+        let params = GenerateParams {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        };
         let mut s = Sampler::new(&params, 7, &[]);
         for _ in 0..20 {
             assert_eq!(s.sample(&mut logits()), argmax(&logits()));
@@ -216,14 +244,21 @@ mod tests {
 
     #[test]
     fn tiny_top_p_keeps_only_the_best() {
-        let params = GenerateParams { temperature: 1.0, top_p: 1e-6, ..Default::default() };
+        let params = GenerateParams {
+            temperature: 1.0,
+            top_p: 1e-6,
+            ..Default::default()
+        };
         let mut s = Sampler::new(&params, 9, &[]);
         assert_eq!(s.sample(&mut logits()), argmax(&logits()));
     }
 
     #[test]
     fn repetition_penalty_demotes_seen_tokens() {
-        let params = GenerateParams { repetition_penalty: 2.0, ..Default::default() };
+        let params = GenerateParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
         let mut l = vec![1.0, 1.5, 0.5];
         let mut s = Sampler::new(&params, 0, &[1]);
         assert_eq!(s.sample(&mut l), 0, "1.5 / 2 < 1.0");

@@ -15,7 +15,11 @@ async fn related_clinical_phrases_are_closer_than_unrelated_ones() {
     assert_eq!(embedder.dimension(), 384);
     assert_eq!(embedder.identity().backend, BackendKind::Safetensors);
     let v = embedder
-        .embed(vec!["myocardial infarction".into(), "heart attack".into(), "broken wrist".into()])
+        .embed(vec![
+            "myocardial infarction".into(),
+            "heart attack".into(),
+            "broken wrist".into(),
+        ])
         .await
         .expect("embeds");
     assert_eq!(v.len(), 3);
@@ -27,7 +31,10 @@ async fn related_clinical_phrases_are_closer_than_unrelated_ones() {
     let related = cos(&v[0], &v[1]);
     let unrelated = cos(&v[0], &v[2]);
     println!("cos(MI, heart attack) = {related:.4}, cos(MI, broken wrist) = {unrelated:.4}");
-    assert!(related > unrelated, "MI is closer to heart attack ({related}) than to broken wrist ({unrelated})");
+    assert!(
+        related > unrelated,
+        "MI is closer to heart attack ({related}) than to broken wrist ({unrelated})"
+    );
 }
 
 #[tokio::test]
@@ -35,9 +42,19 @@ async fn padding_to_the_batch_does_not_change_an_embedding() {
     let embedder = Embedder::load(common::minilm_path()).unwrap();
     let alone = embedder.embed(vec!["heart attack".into()]).await.unwrap();
     let long = "chronic kidney disease stage 3 with type 2 diabetes mellitus and hypertension, on metformin";
-    let batched = embedder.embed(vec![long.into(), "heart attack".into()]).await.unwrap();
-    let drift: f32 = alone[0].iter().zip(&batched[1]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-    assert!(drift < 1e-4, "a short text padded in a batch embeds the same (max diff {drift})");
+    let batched = embedder
+        .embed(vec![long.into(), "heart attack".into()])
+        .await
+        .unwrap();
+    let drift: f32 = alone[0]
+        .iter()
+        .zip(&batched[1])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        drift < 1e-4,
+        "a short text padded in a batch embeds the same (max diff {drift})"
+    );
 }
 
 #[tokio::test]
@@ -47,7 +64,11 @@ async fn more_than_one_batch_keeps_order_and_empty_input_is_refused() {
     let all = embedder.embed(texts.clone()).await.unwrap();
     assert_eq!(all.len(), 40);
     let last = embedder.embed(vec![texts[39].clone()]).await.unwrap();
-    let drift: f32 = all[39].iter().zip(&last[0]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let drift: f32 = all[39]
+        .iter()
+        .zip(&last[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
     assert!(drift < 1e-4, "the 40th text (second batch) is in place");
     let e = embedder.embed(Vec::new()).await.unwrap_err();
     assert_eq!(e.category(), ErrorCategory::InvalidArgument);

@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use chartline_inference::{
-    BackendKind, ChatMessage, Engine, ErrorCategory, FinishReason, GenerateParams, GenerationEvent, GgufOptions,
-    chat_prompt,
+    BackendKind, ChatMessage, Engine, ErrorCategory, FinishReason, GenerateParams, GenerationEvent,
+    GgufOptions, chat_prompt,
 };
 use futures::StreamExt;
 
@@ -18,15 +18,22 @@ use futures::StreamExt;
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
-        let options = GgufOptions { context_length: Some(1024), ..Default::default() };
-        Engine::load_gguf(common::gemma_path(), &options).expect("the embedded Gemma 3 270M GGUF loads")
+        let options = GgufOptions {
+            context_length: Some(1024),
+            ..Default::default()
+        };
+        Engine::load_gguf(common::gemma_path(), &options)
+            .expect("the embedded Gemma 3 270M GGUF loads")
     })
 }
 
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Collects a stream: token ids, text, and the final event.
-async fn run(prompt: &str, params: GenerateParams) -> (Vec<u32>, String, chartline_inference::Completion) {
+async fn run(
+    prompt: &str,
+    params: GenerateParams,
+) -> (Vec<u32>, String, chartline_inference::Completion) {
     let mut stream = engine().generate(prompt, params);
     let (mut ids, mut text) = (Vec::new(), String::new());
     while let Some(event) = stream.next().await {
@@ -36,7 +43,10 @@ async fn run(prompt: &str, params: GenerateParams) -> (Vec<u32>, String, chartli
                 text.push_str(&t.text);
             }
             GenerationEvent::Finished(c) => {
-                assert!(stream.next().await.is_none(), "nothing follows the final event");
+                assert!(
+                    stream.next().await.is_none(),
+                    "nothing follows the final event"
+                );
                 return (ids, text, c);
             }
         }
@@ -59,12 +69,28 @@ async fn greedy_tokens_match_llama_cpp_for_the_clinical_prompts() {
     let mut report = Vec::new();
     for case in &reference.greedy {
         let (ids, text, done) = run(&case.prompt, GenerateParams::greedy(16)).await;
-        assert_eq!(done.usage.prompt_tokens, case.prompt_ids.len(), "prompt tokenized as llama.cpp");
-        let same = ids.iter().zip(&case.greedy_ids).take_while(|(a, b)| a == b).count();
+        assert_eq!(
+            done.usage.prompt_tokens,
+            case.prompt_ids.len(),
+            "prompt tokenized as llama.cpp"
+        );
+        let same = ids
+            .iter()
+            .zip(&case.greedy_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
         report.push(format!("{same}/16 {:?} -> {text:?}", case.prompt));
-        assert_eq!(ids[..8], case.greedy_ids[..8], "first 8 greedy tokens of {:?} equal llama.cpp's", case.prompt);
+        assert_eq!(
+            ids[..8],
+            case.greedy_ids[..8],
+            "first 8 greedy tokens of {:?} equal llama.cpp's",
+            case.prompt
+        );
     }
-    println!("greedy agreement with llama.cpp (leading tokens equal):\n{}", report.join("\n"));
+    println!(
+        "greedy agreement with llama.cpp (leading tokens equal):\n{}",
+        report.join("\n")
+    );
 }
 
 #[tokio::test]
@@ -78,7 +104,11 @@ async fn greedy_output_is_identical_across_runs() {
     assert_eq!(a.2.seed, None, "greedy reports no seed");
     assert_eq!(a.2.model.backend, BackendKind::Gguf);
     assert!(engine().is_running(), "the model thread is alive");
-    assert_eq!(a.2.model.weights_sha256, common::reference().model_sha256, "identity hashes the weights");
+    assert_eq!(
+        a.2.model.weights_sha256,
+        common::reference().model_sha256,
+        "identity hashes the weights"
+    );
 }
 
 #[tokio::test]
@@ -99,12 +129,25 @@ async fn seeded_sampling_reproduces_and_reports_its_seed() {
     assert_eq!(a.2.seed, Some(1234));
     let c = run(prompt, params(99)).await;
     let d = run(prompt, params(7)).await;
-    assert!(a.0 != c.0 || a.0 != d.0, "other seeds sample other continuations");
+    assert!(
+        a.0 != c.0 || a.0 != d.0,
+        "other seeds sample other continuations"
+    );
 
-    let unseeded = run(prompt, GenerateParams { seed: None, ..params(0) }).await;
+    let unseeded = run(
+        prompt,
+        GenerateParams {
+            seed: None,
+            ..params(0)
+        },
+    )
+    .await;
     let seed = unseeded.2.seed.expect("a drawn seed is reported");
     let replay = run(prompt, params(seed)).await;
-    assert_eq!(unseeded.0, replay.0, "replaying the reported seed reproduces the output");
+    assert_eq!(
+        unseeded.0, replay.0,
+        "replaying the reported seed reproduces the output"
+    );
 }
 
 #[tokio::test]
@@ -121,15 +164,28 @@ async fn stop_sequences_end_generation_and_are_not_output() {
     let _turn = TURN.lock().await;
     // Greedy continuation is " a history of hypertension and diabetes mellitus. He has…".
     let prompt = "The patient is a 67-year-old man with";
-    let params = GenerateParams { stop: vec!["diabetes".into()], ..GenerateParams::greedy(16) };
+    let params = GenerateParams {
+        stop: vec!["diabetes".into()],
+        ..GenerateParams::greedy(16)
+    };
     let (ids, text, done) = run(prompt, params).await;
     assert_eq!(done.finish_reason, FinishReason::StopSequence);
-    assert_eq!(text, " a history of hypertension and ", "output ends right before the stop sequence");
-    assert_eq!(ids.len(), done.usage.completion_tokens, "one token event per generated token");
+    assert_eq!(
+        text, " a history of hypertension and ",
+        "output ends right before the stop sequence"
+    );
+    assert_eq!(
+        ids.len(),
+        done.usage.completion_tokens,
+        "one token event per generated token"
+    );
     assert!(ids.len() < 16, "stopped early");
 
     // A stop sequence spanning tokens, and one that never occurs.
-    let params = GenerateParams { stop: vec!["tension and diab".into(), "zzz".into()], ..GenerateParams::greedy(16) };
+    let params = GenerateParams {
+        stop: vec!["tension and diab".into(), "zzz".into()],
+        ..GenerateParams::greedy(16)
+    };
     let (_, text, done) = run(prompt, params).await;
     assert_eq!(done.finish_reason, FinishReason::StopSequence);
     assert_eq!(text, " a history of hyper");
@@ -143,11 +199,19 @@ async fn stream_yields_tokens_then_exactly_one_final_event() {
     while let Some(e) = stream.next().await {
         events.push(e.expect("no error"));
     }
-    let finals = events.iter().filter(|e| matches!(e, GenerationEvent::Finished(_))).count();
+    let finals = events
+        .iter()
+        .filter(|e| matches!(e, GenerationEvent::Finished(_)))
+        .count();
     assert_eq!(finals, 1, "one final event");
-    assert!(matches!(events.last(), Some(GenerationEvent::Finished(_))), "and it comes last");
+    assert!(
+        matches!(events.last(), Some(GenerationEvent::Finished(_))),
+        "and it comes last"
+    );
     assert_eq!(events.len(), 7, "6 tokens then the final event");
-    let Some(GenerationEvent::Finished(done)) = events.last() else { unreachable!() };
+    let Some(GenerationEvent::Finished(done)) = events.last() else {
+        unreachable!()
+    };
     assert_eq!(done.usage.prompt_tokens, 6);
     assert_eq!(done.model.context_length, 1024);
 }
@@ -155,27 +219,50 @@ async fn stream_yields_tokens_then_exactly_one_final_event() {
 #[tokio::test]
 async fn dropping_the_stream_cancels_and_the_engine_serves_the_next_request_promptly() {
     let _turn = TURN.lock().await;
-    let mut stream = engine().generate("Write a long discharge summary:", GenerateParams::greedy(900));
+    let mut stream = engine().generate(
+        "Write a long discharge summary:",
+        GenerateParams::greedy(900),
+    );
     for _ in 0..3 {
-        assert!(matches!(stream.next().await, Some(Ok(GenerationEvent::Token(_)))));
+        assert!(matches!(
+            stream.next().await,
+            Some(Ok(GenerationEvent::Token(_)))
+        ));
     }
     drop(stream);
     // Had the engine kept going, this would wait behind ~900 tokens (tens of seconds).
     let started = Instant::now();
-    let (ids, _, _) = tokio::time::timeout(Duration::from_secs(30), run("Hello", GenerateParams::greedy(4)))
-        .await
-        .expect("the next request is served");
+    let (ids, _, _) = tokio::time::timeout(
+        Duration::from_secs(30),
+        run("Hello", GenerateParams::greedy(4)),
+    )
+    .await
+    .expect("the next request is served");
     assert_eq!(ids.len(), 4);
     let waited = started.elapsed();
-    assert!(waited < Duration::from_secs(8), "the cancelled request stopped (next one took {waited:?})");
+    assert!(
+        waited < Duration::from_secs(8),
+        "the cancelled request stopped (next one took {waited:?})"
+    );
 }
 
 #[tokio::test]
 async fn chat_prompt_generation_stops_at_end_of_turn_or_limit() {
     let _turn = TURN.lock().await;
-    let prompt = chat_prompt(&[ChatMessage::system("Answer briefly."), ChatMessage::user("What is HbA1c?")]).unwrap();
+    let prompt = chat_prompt(&[
+        ChatMessage::system("Answer briefly."),
+        ChatMessage::user("What is HbA1c?"),
+    ])
+    .unwrap();
     let (_, _, done) = run(&prompt, GenerateParams::greedy(12)).await;
-    assert!(matches!(done.finish_reason, FinishReason::Stop | FinishReason::Length), "{:?}", done.finish_reason);
+    assert!(
+        matches!(
+            done.finish_reason,
+            FinishReason::Stop | FinishReason::Length
+        ),
+        "{:?}",
+        done.finish_reason
+    );
     assert!(done.usage.prompt_tokens > 10);
 }
 
@@ -186,18 +273,45 @@ async fn bad_requests_are_invalid_arguments_naming_the_field() {
         ("prompt", String::new(), GenerateParams::greedy(4)),
         ("prompt", "word ".repeat(2000), GenerateParams::greedy(4)),
         ("prompt", "Hello".into(), GenerateParams::greedy(1024)),
-        ("temperature", "Hello".into(), GenerateParams { temperature: -1.0, ..Default::default() }),
-        ("top_p", "Hello".into(), GenerateParams { top_p: 1.5, ..Default::default() }),
-        ("max_tokens", "Hello".into(), GenerateParams { max_tokens: 0, ..Default::default() }),
+        (
+            "temperature",
+            "Hello".into(),
+            GenerateParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+        ),
+        (
+            "top_p",
+            "Hello".into(),
+            GenerateParams {
+                top_p: 1.5,
+                ..Default::default()
+            },
+        ),
+        (
+            "max_tokens",
+            "Hello".into(),
+            GenerateParams {
+                max_tokens: 0,
+                ..Default::default()
+            },
+        ),
     ];
     for (field, prompt, params) in cases {
         let e = error_of(&prompt, params).await;
         assert_eq!(e.category(), ErrorCategory::InvalidArgument, "{e}");
         assert_eq!(e.field(), Some(field), "error names the field: {e}");
-        assert!(e.to_string().starts_with(field), "message starts with the field: {e}");
+        assert!(
+            e.to_string().starts_with(field),
+            "message starts with the field: {e}"
+        );
     }
     let e = error_of(&"word ".repeat(2000), GenerateParams::greedy(4)).await;
-    assert!(e.to_string().contains("context length of 1024"), "states the limit: {e}");
+    assert!(
+        e.to_string().contains("context length of 1024"),
+        "states the limit: {e}"
+    );
     // The engine is still healthy.
     let (ids, _, _) = run("Hello", GenerateParams::greedy(2)).await;
     assert_eq!(ids.len(), 2);

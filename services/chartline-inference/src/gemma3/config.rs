@@ -92,7 +92,11 @@ impl Gemma3Config {
                 .map(|v| v as usize)
                 .map_err(|e| Error::InvalidModel(format!("{full}: {e}")))
         };
-        let opt_u32 = |k: &str| md.get(&key(k)).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
+        let opt_u32 = |k: &str| {
+            md.get(&key(k))
+                .and_then(|v| v.to_u32().ok())
+                .map(|v| v as usize)
+        };
         let opt_f32 = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok());
 
         let hidden_size = req_u32("embedding_length")?;
@@ -106,12 +110,19 @@ impl Gemma3Config {
                 "{n_heads} query heads cannot be grouped over {n_kv_heads} key/value heads"
             )));
         }
-        let rope_scale_global = match md.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()) {
+        let rope_scale_global = match md
+            .get(&key("rope.scaling.type"))
+            .and_then(|v| v.to_string().ok())
+        {
             Some(t) if t != "linear" && t != "none" => {
-                return Err(Error::InvalidModel(format!("RoPE scaling {t:?} is not supported (only linear)")));
+                return Err(Error::InvalidModel(format!(
+                    "RoPE scaling {t:?} is not supported (only linear)"
+                )));
             }
             Some(t) if t == "none" => 1.0,
-            _ => opt_f32("rope.scaling.factor").filter(|f| *f > 0.0).unwrap_or(1.0),
+            _ => opt_f32("rope.scaling.factor")
+                .filter(|f| *f > 0.0)
+                .unwrap_or(1.0),
         };
         let query_pre_attn_scalar = query_pre_attn_scalar
             .or_else(|| opt_f32("attention.query_pre_attn_scalar").map(f64::from))
@@ -175,8 +186,9 @@ mod tests {
     #[test]
     fn every_sixth_layer_is_global() {
         let c = Gemma3Config::from_gguf(&md(&[]), 1000, None).ok();
-        let globals: Vec<usize> =
-            c.map(|c| (0..18).filter(|&i| c.is_global(i)).collect()).unwrap_or_default();
+        let globals: Vec<usize> = c
+            .map(|c| (0..18).filter(|&i| c.is_global(i)).collect())
+            .unwrap_or_default();
         assert_eq!(globals, vec![5, 11, 17]);
     }
 
@@ -201,8 +213,16 @@ mod tests {
             ("gemma3.rope.scaling.type", Value::String("linear".into())),
             ("gemma3.rope.scaling.factor", Value::F32(8.0)),
         ]);
-        assert_eq!(Gemma3Config::from_gguf(&scaled, 1000, None).ok().map(|c| c.rope_scale_global), Some(8.0));
+        assert_eq!(
+            Gemma3Config::from_gguf(&scaled, 1000, None)
+                .ok()
+                .map(|c| c.rope_scale_global),
+            Some(8.0)
+        );
         let yarn = md(&[("gemma3.rope.scaling.type", Value::String("yarn".into()))]);
-        assert!(Gemma3Config::from_gguf(&yarn, 1000, None).is_err(), "yarn is refused");
+        assert!(
+            Gemma3Config::from_gguf(&yarn, 1000, None).is_err(),
+            "yarn is refused"
+        );
     }
 }

@@ -30,7 +30,14 @@ const MIN_CAPACITY: usize = 64;
 
 impl KvCache {
     pub(crate) fn new(window: Option<usize>, max_positions: usize) -> Self {
-        KvCache { k: None, v: None, start: 0, len: 0, window, max_positions }
+        KvCache {
+            k: None,
+            v: None,
+            start: 0,
+            len: 0,
+            window,
+            max_positions,
+        }
     }
 
     pub(crate) fn clear(&mut self) {
@@ -48,7 +55,10 @@ impl KvCache {
     /// Appends `k`, `v` of shape (1, n_kv_heads, L, d) for positions `pos .. pos + L`.
     pub(crate) fn append(&mut self, k: &Tensor, v: &Tensor, pos: usize) -> Result<CachedKv> {
         if pos != self.next_pos() {
-            candle_core::bail!("kv cache at position {} cannot append at {pos}", self.next_pos());
+            candle_core::bail!(
+                "kv cache at position {} cannot append at {pos}",
+                self.next_pos()
+            );
         }
         let (b, heads, l, kd) = k.dims4()?;
         let vd = v.dim(3)?;
@@ -56,7 +66,10 @@ impl KvCache {
         if self.len + l > capacity {
             // Entries before the oldest position the first new query can see are dead.
             let dead = match self.window {
-                Some(w) => (pos + 1).saturating_sub(w).saturating_sub(self.start).min(self.len),
+                Some(w) => (pos + 1)
+                    .saturating_sub(w)
+                    .saturating_sub(self.start)
+                    .min(self.len),
                 None => 0,
             };
             let keep = self.len - dead;
@@ -67,8 +80,12 @@ impl KvCache {
                 Some(w) => 2 * w + l,
                 None => self.max_positions,
             };
-            let new_capacity =
-                need.next_power_of_two().max(MIN_CAPACITY).max(capacity).min(limit).max(need);
+            let new_capacity = need
+                .next_power_of_two()
+                .max(MIN_CAPACITY)
+                .max(capacity)
+                .min(limit)
+                .max(need);
             let device: Device = k.device().clone();
             let nk = Tensor::zeros((b, heads, new_capacity, kd), DType::F32, &device)?;
             let nv = Tensor::zeros((b, heads, new_capacity, vd), DType::F32, &device)?;
@@ -89,7 +106,11 @@ impl KvCache {
         ck.slice_set(&k.contiguous()?, 2, self.len)?;
         cv.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len += l;
-        Ok(CachedKv { k: ck.narrow(2, 0, self.len)?, v: cv.narrow(2, 0, self.len)?, start: self.start })
+        Ok(CachedKv {
+            k: ck.narrow(2, 0, self.len)?,
+            v: cv.narrow(2, 0, self.len)?,
+            start: self.start,
+        })
     }
 }
 
@@ -116,7 +137,13 @@ mod tests {
             assert_eq!(kv.k.dim(2).unwrap(), pos);
         }
         let kv = c.append(&step(pos, 1), &step(pos, 1), pos).unwrap();
-        let first: Vec<f32> = kv.k.narrow(2, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let first: Vec<f32> =
+            kv.k.narrow(2, 0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
         assert_eq!(first, vec![0.0, 0.0]);
     }
 
@@ -130,10 +157,25 @@ mod tests {
             let n = kv.k.dim(2).unwrap();
             assert!(n <= 2 * window + MIN_CAPACITY, "bounded: {n}");
             // The window of the newest query must be present.
-            assert!(kv.start + window <= pos + 1 || kv.start == 0, "window kept at {pos}");
-            let last: Vec<f32> = kv.k.narrow(2, n - 1, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                kv.start + window <= pos + 1 || kv.start == 0,
+                "window kept at {pos}"
+            );
+            let last: Vec<f32> =
+                kv.k.narrow(2, n - 1, 1)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
             assert_eq!(last, vec![pos as f32, pos as f32]);
-            let first: Vec<f32> = kv.k.narrow(2, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let first: Vec<f32> =
+                kv.k.narrow(2, 0, 1)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
             assert_eq!(first[0] as usize, kv.start, "slot 0 holds position start");
         }
     }

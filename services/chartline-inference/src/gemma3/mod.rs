@@ -88,46 +88,71 @@ pub fn load_gguf(path: impl AsRef<Path>, options: &GgufOptions) -> Result<GgufBa
     if !path.exists() {
         return Err(Error::NotFound(path.to_path_buf()));
     }
-    let file_path: PathBuf = if path.is_dir() { single_gguf_in(path)? } else { path.to_path_buf() };
+    let file_path: PathBuf = if path.is_dir() {
+        single_gguf_in(path)?
+    } else {
+        path.to_path_buf()
+    };
     // Hash the file for provenance on a second thread while the weights load.
     std::thread::scope(|scope| {
         let hashing = scope.spawn(|| sha256_file(&file_path));
         let loaded = load_gguf_file(path, &file_path, options);
-        let sha256 = hashing.join().map_err(|_| Error::Internal("the hashing thread panicked".into()))??;
+        let sha256 = hashing
+            .join()
+            .map_err(|_| Error::Internal("the hashing thread panicked".into()))??;
         let (model, tokenizer, mut identity) = loaded?;
         identity.weights_sha256 = sha256;
         Ok(LocalBackend::new(model, tokenizer, identity))
     })
 }
 
-fn load_gguf_file(path: &Path, file_path: &Path, options: &GgufOptions) -> Result<(Gemma3, Tokenizer, ModelIdentity)> {
+fn load_gguf_file(
+    path: &Path,
+    file_path: &Path,
+    options: &GgufOptions,
+) -> Result<(Gemma3, Tokenizer, ModelIdentity)> {
     let started = std::time::Instant::now();
     // Buffered: the header is hundreds of thousands of small reads (the vocabulary).
     let mut file = BufReader::new(File::open(file_path).map_err(|e| Error::io(file_path, e))?);
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| Error::InvalidModel(format!("{}: {e}", file_path.display())))?;
 
-    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "read GGUF header");
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "read GGUF header"
+    );
     let tokenizer = if path.is_dir() && path.join("tokenizer.json").is_file() {
         Tokenizer::from_tokenizer_json(path.join("tokenizer.json"))?
     } else {
         Tokenizer::from_gguf_metadata(&content.metadata, file_path)?
     };
 
-    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "built tokenizer");
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "built tokenizer"
+    );
     let device = match options.cuda_device {
         Some(i) => Device::new_cuda(i)?,
         None => Device::Cpu,
     };
-    let mut loader = Loader { content: &content, file: &mut file, path: file_path, device: &device, options };
+    let mut loader = Loader {
+        content: &content,
+        file: &mut file,
+        path: file_path,
+        device: &device,
+        options,
+    };
     let embed = Arc::new(loader.qtensor("token_embd.weight")?);
     let (vocab_size, _) = embed.shape().dims2()?;
     if content.tensor_infos.contains_key("output.weight") {
         // Gemma ties the output projection to the embedding; a separate one would mean a
         // different architecture than this code implements.
-        return Err(Error::InvalidModel("untied output.weight is not supported for gemma3".into()));
+        return Err(Error::InvalidModel(
+            "untied output.weight is not supported for gemma3".into(),
+        ));
     }
-    let cfg = Gemma3Config::from_gguf(&content.metadata, vocab_size, options.query_pre_attn_scalar)?;
+    let cfg =
+        Gemma3Config::from_gguf(&content.metadata, vocab_size, options.query_pre_attn_scalar)?;
     let context_length = options
         .context_length
         .unwrap_or(DEFAULT_CONTEXT_LENGTH)
@@ -166,12 +191,25 @@ fn load_gguf_file(path: &Path, file_path: &Path, options: &GgufOptions) -> Resul
         &device,
     )?;
 
-    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "read weights");
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "read weights"
+    );
     let name = options
         .name
         .clone()
-        .or_else(|| content.metadata.get("general.name").and_then(|v| v.to_string().ok()).cloned())
-        .or_else(|| file_path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .or_else(|| {
+            content
+                .metadata
+                .get("general.name")
+                .and_then(|v| v.to_string().ok())
+                .cloned()
+        })
+        .or_else(|| {
+            file_path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| "gemma3".to_owned());
     let identity = ModelIdentity {
         name,
@@ -199,11 +237,9 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn qtensor(&mut self, name: &str) -> Result<QTensor> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| Error::InvalidModel(format!("{} lacks tensor {name}", self.path.display())))?;
+        let info = self.content.tensor_infos.get(name).ok_or_else(|| {
+            Error::InvalidModel(format!("{} lacks tensor {name}", self.path.display()))
+        })?;
         if info.ggml_dtype == GgmlDType::Q5_0 && self.options.requantize_q5_0 {
             let q5 = info.read(self.file, self.content.tensor_data_offset, &Device::Cpu)?;
             let q8 = q5_0_to_q8_0(&q5.data()?)?;
@@ -231,7 +267,10 @@ impl Loader<'_> {
     }
 
     fn vector(&mut self, name: &str) -> Result<candle_core::Tensor> {
-        Ok(self.qtensor(name)?.dequantize(self.device)?.to_dtype(DType::F32)?)
+        Ok(self
+            .qtensor(name)?
+            .dequantize(self.device)?
+            .to_dtype(DType::F32)?)
     }
 }
 
@@ -242,7 +281,10 @@ const Q8_0_BLOCK_BYTES: usize = 34;
 /// (the same f16 scale, 32 signed bytes) holding the same values.
 fn q5_0_to_q8_0(q5: &[u8]) -> Result<Vec<u8>> {
     if !q5.len().is_multiple_of(Q5_0_BLOCK_BYTES) {
-        return Err(Error::InvalidModel(format!("Q5_0 data of {} bytes is not whole blocks", q5.len())));
+        return Err(Error::InvalidModel(format!(
+            "Q5_0 data of {} bytes is not whole blocks",
+            q5.len()
+        )));
     }
     let mut out = Vec::with_capacity(q5.len() / Q5_0_BLOCK_BYTES * Q8_0_BLOCK_BYTES);
     for block in q5.chunks_exact(Q5_0_BLOCK_BYTES) {
@@ -285,14 +327,33 @@ mod tests {
     #[test]
     fn q5_0_rewritten_as_q8_0_dequantizes_identically() {
         // Random-ish values quantized to Q5_0 by candle, then converted.
-        let values: Vec<f32> = (0..32 * 64).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 97.0).collect();
+        let values: Vec<f32> = (0..32 * 64)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 97.0)
+            .collect();
         let t = Tensor::from_vec(values, (64, 32), &Device::Cpu).unwrap();
         let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
         let q8 = q5_0_to_q8_0(&q5.data().unwrap()).unwrap();
-        let q8 = candle_core::quantized::ggml_file::qtensor_from_ggml(GgmlDType::Q8_0, &q8, vec![64, 32], &Device::Cpu)
+        let q8 = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q8_0,
+            &q8,
+            vec![64, 32],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let a: Vec<f32> = q5
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
             .unwrap();
-        let a: Vec<f32> = q5.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = q8.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = q8
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(a, b, "Q8_0 holds exactly the Q5_0 values");
     }
 }

@@ -37,7 +37,9 @@ impl Rope {
     ) -> Result<Self> {
         let half = head_dim / 2;
         let inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / f64::from(base).powf(2.0 * i as f64 / head_dim as f64) / f64::from(scale))
+            .map(|i| {
+                1.0 / f64::from(base).powf(2.0 * i as f64 / head_dim as f64) / f64::from(scale)
+            })
             .collect();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
@@ -108,12 +110,27 @@ impl Gemma3 {
         prefill_chunk: usize,
         device: &Device,
     ) -> Result<Self> {
-        let rope_local = Rope::new(cfg.head_dim, cfg.rope_base_local, 1.0, max_positions, device)?;
-        let rope_global =
-            Rope::new(cfg.head_dim, cfg.rope_base_global, cfg.rope_scale_global, max_positions, device)?;
+        let rope_local = Rope::new(
+            cfg.head_dim,
+            cfg.rope_base_local,
+            1.0,
+            max_positions,
+            device,
+        )?;
+        let rope_global = Rope::new(
+            cfg.head_dim,
+            cfg.rope_base_global,
+            cfg.rope_scale_global,
+            max_positions,
+            device,
+        )?;
         let caches = (0..cfg.n_layers)
             .map(|i| {
-                let window = if cfg.is_global(i) { None } else { cfg.sliding_window };
+                let window = if cfg.is_global(i) {
+                    None
+                } else {
+                    cfg.sliding_window
+                };
                 KvCache::new(window, max_positions)
             })
             .collect();
@@ -166,7 +183,11 @@ impl Gemma3 {
             candle_core::bail!("forward needs at least one token");
         }
         if pos + l > self.max_positions {
-            candle_core::bail!("positions up to {} exceed the {} prepared", pos + l, self.max_positions);
+            candle_core::bail!(
+                "positions up to {} exceed the {} prepared",
+                pos + l,
+                self.max_positions
+            );
         }
         if pos == 0 {
             self.clear();
@@ -177,9 +198,26 @@ impl Gemma3 {
         let mask_cache = MaskCache::default();
         for (i, layer) in self.layers.iter().enumerate() {
             let global = self.cfg.is_global(i);
-            let rope = if global { &self.rope_global } else { &self.rope_local };
-            let window = if global { None } else { self.cfg.sliding_window };
-            x = layer_forward(&self.cfg, layer, &x, pos, rope, window, &mut self.caches[i], &mask_cache)?;
+            let rope = if global {
+                &self.rope_global
+            } else {
+                &self.rope_local
+            };
+            let window = if global {
+                None
+            } else {
+                self.cfg.sliding_window
+            };
+            x = layer_forward(
+                &self.cfg,
+                layer,
+                &x,
+                pos,
+                rope,
+                window,
+                &mut self.caches[i],
+                &mask_cache,
+            )?;
         }
         let last = x.narrow(1, l - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.final_norm, self.cfg.rms_eps as f32)?;
@@ -202,7 +240,15 @@ struct MaskCache {
 
 impl MaskCache {
     /// Additive mask (L, T) for queries at `pos ..` and keys at `key_start ..`.
-    fn get(&self, l: usize, pos: usize, key_start: usize, t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    fn get(
+        &self,
+        l: usize,
+        pos: usize,
+        key_start: usize,
+        t: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Tensor> {
         let key = (pos, key_start, t, window);
         if let Some((_, m)) = self.masks.borrow().iter().find(|(k, _)| *k == key) {
             return Ok(m.clone());
@@ -254,7 +300,9 @@ fn layer_forward(
 
     let kv = cache.append(&k, &v, pos)?;
     // Keys older than the first query's window are invisible to the whole chunk.
-    let first_visible = window.map_or(0, |w| (pos + 1).saturating_sub(w)).max(kv.start);
+    let first_visible = window
+        .map_or(0, |w| (pos + 1).saturating_sub(w))
+        .max(kv.start);
     let skip = first_visible - kv.start;
     let t = kv.k.dim(2)? - skip;
     let keys = kv.k.narrow(2, skip, t)?;
@@ -267,13 +315,19 @@ fn layer_forward(
     let needs_mask = l > 1 || window.is_some_and(|w| t > w);
     let scores = if needs_mask {
         let mask = masks.get(l, pos, first_visible, t, window, x.device())?;
-        scores.reshape((1, nkv, g, l, t))?.broadcast_add(&mask)?.reshape((1, nkv, g * l, t))?
+        scores
+            .reshape((1, nkv, g, l, t))?
+            .broadcast_add(&mask)?
+            .reshape((1, nkv, g * l, t))?
     } else {
         scores
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let attn = probs.matmul(&values)?; // (1, nkv, g*L, vd)
-    let attn = attn.reshape((1, nh, l, vd))?.transpose(1, 2)?.reshape((1, l, nh * vd))?;
+    let attn = attn
+        .reshape((1, nh, l, vd))?
+        .transpose(1, 2)?
+        .reshape((1, l, nh * vd))?;
     let attn = w.wo.forward(&attn)?;
     let h = (x + candle_nn::ops::rms_norm(&attn, &w.post_attn_norm, eps)?)?;
 

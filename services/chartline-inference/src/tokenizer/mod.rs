@@ -130,7 +130,8 @@ impl Tokenizer {
     pub fn from_gguf_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         // Buffered: the vocabulary is hundreds of thousands of small reads.
-        let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
+        let mut file =
+            std::io::BufReader::new(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| Error::InvalidModel(format!("{}: {e}", path.display())))?;
         Self::from_gguf_metadata(&content.metadata, path)
@@ -155,13 +156,24 @@ impl Tokenizer {
         sha256: String,
         source: TokenizerSource,
     ) -> Self {
-        Tokenizer { inner: Arc::new(Inner { hf, special, sha256, source }) }
+        Tokenizer {
+            inner: Arc::new(Inner {
+                hf,
+                special,
+                sha256,
+                source,
+            }),
+        }
     }
 
     /// Token ids of `text`. Special-token text (`<start_of_turn>`, `<bos>`…) is recognised as
     /// the special token. With `add_bos` the BOS id is prepended (when the vocabulary has one).
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let encoding = self.inner.hf.encode_fast(text, false).map_err(Error::tokenizer)?;
+        let encoding = self
+            .inner
+            .hf
+            .encode_fast(text, false)
+            .map_err(Error::tokenizer)?;
         let ids = encoding.get_ids();
         let bos = self.inner.special.bos.filter(|_| add_bos);
         let mut out = Vec::with_capacity(ids.len() + usize::from(bos.is_some()));
@@ -173,12 +185,20 @@ impl Tokenizer {
     /// How many tokens `text` becomes, without BOS: exactly what the model will see for it.
     /// Note that tokens of a concatenation can differ from the sum over its parts at the seams.
     pub fn count_tokens(&self, text: &str) -> Result<usize> {
-        Ok(self.inner.hf.encode_fast(text, false).map_err(Error::tokenizer)?.len())
+        Ok(self
+            .inner
+            .hf
+            .encode_fast(text, false)
+            .map_err(Error::tokenizer)?
+            .len())
     }
 
     /// Text of `ids`. Special tokens are rendered as their text unless `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.hf.decode(ids, skip_special).map_err(Error::tokenizer)
+        self.inner
+            .hf
+            .decode(ids, skip_special)
+            .map_err(Error::tokenizer)
     }
 
     /// The special tokens' ids.
@@ -215,7 +235,9 @@ impl Tokenizer {
 }
 
 fn has_extension(path: &Path, ext: &str) -> bool {
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case(ext))
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case(ext))
 }
 
 /// The one `.gguf` file in `dir`.

@@ -39,7 +39,9 @@ pub(super) struct Built {
 }
 
 pub(super) fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Built> {
-    let model = get(md, "tokenizer.ggml.model")?.to_string().map_err(bad("tokenizer.ggml.model"))?;
+    let model = get(md, "tokenizer.ggml.model")?
+        .to_string()
+        .map_err(bad("tokenizer.ggml.model"))?;
     if model != "llama" {
         return Err(Error::InvalidModel(format!(
             "GGUF tokenizer model {model:?} is not supported (only the SentencePiece \"llama\" kind)"
@@ -75,7 +77,9 @@ pub(super) fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Built> {
     let hf = build(&tokens, &scores, &types)?;
 
     let meta_id = |key: &str| -> Option<u32> {
-        md.get(key).and_then(|v| v.to_u32().ok()).filter(|&id| id < n)
+        md.get(key)
+            .and_then(|v| v.to_u32().ok())
+            .filter(|&id| id < n)
     };
     let by_text = |text: &str| -> Option<u32> { hf.token_to_id(text) };
     let special = SpecialTokens {
@@ -85,13 +89,23 @@ pub(super) fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Built> {
         start_of_turn: by_text("<start_of_turn>"),
         end_of_turn: meta_id("tokenizer.ggml.eot_token_id").or_else(|| by_text("<end_of_turn>")),
     };
-    Ok(Built { tokenizer: hf, special, sha256 })
+    Ok(Built {
+        tokenizer: hf,
+        special,
+        sha256,
+    })
 }
 
 fn build(tokens: &[&str], scores: &[f32], types: &[i32]) -> Result<tokenizers::Tokenizer> {
-    let vocab: Vocab = tokens.iter().enumerate().map(|(id, t)| ((*t).to_owned(), id as u32)).collect();
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| ((*t).to_owned(), id as u32))
+        .collect();
     if vocab.len() != tokens.len() {
-        return Err(Error::InvalidModel("GGUF vocabulary has duplicate token texts".into()));
+        return Err(Error::InvalidModel(
+            "GGUF vocabulary has duplicate token texts".into(),
+        ));
     }
     let normal: HashMap<&str, u32> = tokens
         .iter()
@@ -124,7 +138,9 @@ fn build(tokens: &[&str], scores: &[f32], types: &[i32]) -> Result<tokenizers::T
         .find(|(_, ty)| **ty == TYPE_UNKNOWN)
         .map(|(t, _)| (*t).to_owned())
         .or_else(|| vocab.contains_key("<unk>").then(|| "<unk>".to_owned()));
-    let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true);
+    let mut bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true);
     if let Some(unk) = unk {
         bpe = bpe.unk_token(unk);
     }
@@ -144,7 +160,9 @@ fn build(tokens: &[&str], scores: &[f32], types: &[i32]) -> Result<tokenizers::T
     let mut user = Vec::new();
     for (t, ty) in tokens.iter().zip(types) {
         match *ty {
-            TYPE_CONTROL | TYPE_UNKNOWN => control.push(AddedToken::from(*t, true).normalized(false)),
+            TYPE_CONTROL | TYPE_UNKNOWN => {
+                control.push(AddedToken::from(*t, true).normalized(false))
+            }
             TYPE_USER_DEFINED => user.push(AddedToken::from(*t, false).normalized(false)),
             _ => {}
         }
@@ -171,7 +189,8 @@ fn tokenizer_sha256(model: &str, tokens: &[&str], scores: &[f32], types: &[i32])
 }
 
 fn get<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
-    md.get(key).ok_or_else(|| Error::InvalidModel(format!("GGUF metadata lacks {key}")))
+    md.get(key)
+        .ok_or_else(|| Error::InvalidModel(format!("GGUF metadata lacks {key}")))
 }
 
 fn array<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Vec<Value>> {
@@ -189,7 +208,9 @@ mod tests {
 
     fn toy() -> tokenizers::Tokenizer {
         // ids: 0 <pad> 1 <eos> 2 <bos> 3 <unk>, then pieces, then byte tokens.
-        let mut tokens = vec!["<pad>", "<eos>", "<bos>", "<unk>", "▁", "a", "b", "ab", "▁ab", "  "];
+        let mut tokens = vec![
+            "<pad>", "<eos>", "<bos>", "<unk>", "▁", "a", "b", "ab", "▁ab", "  ",
+        ];
         let mut scores = vec![0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, 0.0];
         let mut types = vec![3, 3, 3, 2, 1, 1, 1, 1, 1, 4];
         let bytes: Vec<String> = (0..=255u8).map(|b| format!("<0x{b:02X}>")).collect();
@@ -204,7 +225,9 @@ mod tests {
     #[test]
     fn merges_follow_piece_scores_and_bytes_fall_back() {
         let tok = toy();
-        let ids = tok.encode_fast(" ab<bos>c  b", false).map(|e| e.get_ids().to_vec());
+        let ids = tok
+            .encode_fast(" ab<bos>c  b", false)
+            .map(|e| e.get_ids().to_vec());
         // "▁ab" (8), <bos> (2), 'c' as byte 0x63 (10 + 0x63 = 109), "  " (9), 'b' (6)
         assert_eq!(ids.ok(), Some(vec![8, 2, 109, 9, 6]));
     }
@@ -212,6 +235,9 @@ mod tests {
     #[test]
     fn decoding_restores_spaces_and_bytes() {
         let tok = toy();
-        assert_eq!(tok.decode(&[8, 109, 9, 6], false).ok().as_deref(), Some(" abc  b"));
+        assert_eq!(
+            tok.decode(&[8, 109, 9, 6], false).ok().as_deref(),
+            Some(" abc  b")
+        );
     }
 }
