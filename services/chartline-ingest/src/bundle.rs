@@ -60,7 +60,7 @@ impl Ingestor {
                         Some(b) => b,
                         None => parse_json(bytes, &self.limits)?,
                     };
-                    let entries = parse_entries(&b, true)?.into_iter().collect::<Result<Vec<_>, _>>()?;
+                    let entries = parse_entries(b, true)?.into_iter().collect::<Result<Vec<_>, _>>()?;
                     match self.transaction(entries, &record).await {
                         Err(IngestError::Store(e)) if e.is_retryable() && attempt + 1 < RETRIES => {
                             attempt += 1;
@@ -72,7 +72,7 @@ impl Ingestor {
             }
             "batch" => {
                 record.kind = "batch".into();
-                let entries = parse_entries(&bundle, false)?;
+                let entries = parse_entries(bundle, false)?;
                 self.batch(entries, &record).await
             }
             _ => {
@@ -198,10 +198,11 @@ impl Ingestor {
 
 /// Reads the entries' requests. For a transaction the first bad entry fails the whole
 /// Bundle; for a batch each bad entry fails alone.
-fn parse_entries(bundle: &Value, transaction: bool) -> Result<Vec<Result<Entry, FhirError>>, FhirError> {
-    let Some(entries) = bundle.get("entry").and_then(Value::as_array) else { return Ok(Vec::new()) };
+fn parse_entries(mut bundle: Value, transaction: bool) -> Result<Vec<Result<Entry, FhirError>>, FhirError> {
+    // Entries are moved out of the Bundle, not copied: a 3,000-resource Bundle is large.
+    let Some(Value::Array(entries)) = bundle.get_mut("entry").map(Value::take) else { return Ok(Vec::new()) };
     let mut out = Vec::with_capacity(entries.len());
-    for (i, e) in entries.iter().enumerate() {
+    for (i, e) in entries.into_iter().enumerate() {
         let entry = parse_entry(i, e);
         if transaction {
             out.push(Ok(entry?));
@@ -212,17 +213,18 @@ fn parse_entries(bundle: &Value, transaction: bool) -> Result<Vec<Result<Entry, 
     Ok(out)
 }
 
-fn parse_entry(i: usize, e: &Value) -> Result<Entry, FhirError> {
+fn parse_entry(i: usize, mut e: Value) -> Result<Entry, FhirError> {
     let location = format!("Bundle.entry[{i}]");
     let request = e
-        .get("request")
+        .get_mut("request")
+        .map(Value::take)
         .ok_or_else(|| FhirError::at(IssueCode::Required, format!("{location}.request"), "entry.request is required in a transaction or batch"))?;
     let method = request.get("method").and_then(Value::as_str).unwrap_or("");
     let url = request.get("url").and_then(Value::as_str).unwrap_or("");
     if url.is_empty() {
         return Err(FhirError::at(IssueCode::Required, format!("{location}.request.url"), "entry.request.url is required"));
     }
-    let resource = e.get("resource").cloned();
+    let resource = e.get_mut("resource").map(Value::take);
     let rtype_of_resource = resource.as_ref().and_then(|r| r.get("resourceType")).and_then(Value::as_str).map(str::to_owned);
     let path = url.split('?').next().unwrap_or("").trim_matches('/');
     let query = url.split_once('?').map(|(_, q)| q.to_owned());

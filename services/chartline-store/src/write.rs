@@ -204,7 +204,7 @@ impl StoreTx {
     /// Stores the resources (each (type, id) at most once), creating, updating or leaving
     /// each unchanged, and keeps the identifier and timeline indexes in step. Results come
     /// back in input order.
-    pub async fn write(&mut self, writes: Vec<ResourceWrite>, ingest_id: Option<i64>) -> Result<Vec<WriteResult>, StoreError> {
+    pub async fn write(&mut self, mut writes: Vec<ResourceWrite>, ingest_id: Option<i64>) -> Result<Vec<WriteResult>, StoreError> {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
@@ -329,10 +329,13 @@ impl StoreTx {
         let mut hc = Vec::with_capacity(changed.len());
         let mut hp = Vec::with_capacity(changed.len());
         for &(i, v) in &changed {
+            set_meta(&mut writes[i].content, v, &last_updated);
+            hc.push(serde_json::to_string(&writes[i].content).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        let types: Vec<&str> = writes.iter().map(|w| w.resource_type.as_str()).collect();
+        let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
+        for &(i, v) in &changed {
             let w = &writes[i];
-            let mut content = w.content.clone();
-            set_meta(&mut content, v, &last_updated);
-            hc.push(serde_json::to_string(&content).map_err(|e| StoreError::Corrupt(e.to_string()))?);
             ht.push(types[i]);
             hi.push(ids[i]);
             hv.push(v);

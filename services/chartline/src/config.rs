@@ -31,6 +31,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Print a patient's prompt (the timeline's structured, cited, budgeted text).
     Prompt(PromptArgs),
+    /// Measure BuildPrompt latency against the floor of one indexed SELECT.
+    BenchPrompt(BenchPromptArgs),
     /// Measure ingest throughput over FHIR REST against a bare COPY floor (empty database).
     BenchIngest(BenchIngestArgs),
 }
@@ -194,6 +196,29 @@ pub struct PromptArgs {
     /// Read the chart as of this RFC 3339 time (default now).
     #[arg(long)]
     pub as_of: Option<String>,
+    /// The model whose tokenizer counts.
+    #[arg(long, env = "CHARTLINE_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+}
+
+/// `chartline bench-prompt`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchPromptArgs {
+    /// Database (the fixtures are loaded if the patient is missing).
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The patient (default: the largest fixture patient, 3,177 resources).
+    #[arg(long, default_value = "4b86befa-fa7e-9285-615f-e081dab3f93c")]
+    pub patient: String,
+    /// Token budget.
+    #[arg(long, default_value_t = 4000)]
+    pub budget: i64,
+    /// Measured iterations.
+    #[arg(long, default_value_t = 200)]
+    pub iterations: usize,
+    /// The fixture folder to load when the patient is missing.
+    #[arg(long, default_value = "../shared/fixtures/synthea/blaze-synthea-2.7.0")]
+    pub fixtures: PathBuf,
     /// The model whose tokenizer counts.
     #[arg(long, env = "CHARTLINE_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,

@@ -3,6 +3,7 @@
 //! tests start exactly what an operator starts.
 
 pub mod bench;
+pub mod bench_prompt;
 pub mod config;
 pub mod ingest_cli;
 pub mod prompt_cli;

@@ -14,6 +14,7 @@ async fn main() -> std::process::ExitCode {
         Command::Ingest(args) => chartline::ingest_cli::run(args).await,
         Command::Demo(args) => chartline::demo::run(args).await,
         Command::Prompt(args) => chartline::prompt_cli::run(args).await,
+        Command::BenchPrompt(args) => chartline::bench_prompt::run(args).await,
         Command::BenchIngest(args) => chartline::bench::run(args).await,
     };
     match result {
