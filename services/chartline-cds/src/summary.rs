@@ -135,6 +135,7 @@ pub async fn generate(
         prompt: String::new(),
         messages: vec![ChatMessage { role: "user".into(), content: prompt_text.to_owned() }],
         parameters: Some(parameters),
+        model: String::new(),
     };
     let mut stream = inference.generate(req).await?.into_inner();
     let mut text = String::new();

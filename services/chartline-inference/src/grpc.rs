@@ -163,6 +163,10 @@ impl InferenceService for InferenceGrpc {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let engine = self.models.engine_or_unavailable()?;
         let req = request.into_inner();
+        let served = &engine.identity().name;
+        if !req.model.is_empty() && req.model != *served && req.model != engine.identity().weights_sha256 {
+            return Err(Status::invalid_argument(format!("model: unknown model {:?}; this server serves {served:?}", req.model)));
+        }
         let prompt = prompt_of(&req)?;
         let params = params_of(req.parameters.as_ref())?;
         let events = engine.generate(prompt, params);
