@@ -27,7 +27,9 @@
 //!   the stream cancels the request at the next token (or the next prefill chunk). The async
 //!   runtime never runs model code. [`Embedder`] does the same for embeddings. candle's CPU
 //!   kernels use their own worker pool sized by `CANDLE_NUM_THREADS` (default: physical
-//!   cores).
+//!   cores) whose threads spin while they wait: on a box where other work keeps the cores
+//!   busy, decoding with 2 spinning threads on 2 cores was measured 5-10x slower than with
+//!   `CANDLE_NUM_THREADS=1`, so give the model fewer threads than there are free cores.
 //! - **Determinism.** Greedy decoding (`temperature == 0`) is bit-reproducible on one backend
 //!   and machine; sampling uses a seeded generator defined in this crate, and the seed used is
 //!   reported in the [`Completion`] for replay.

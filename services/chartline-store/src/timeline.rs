@@ -78,9 +78,12 @@ impl Store {
         .bind(kinds)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(EventRow {
+        rows.iter().map(event_row).collect()
+    }
+}
+
+fn event_row(r: &sqlx::postgres::PgRow) -> Result<EventRow, StoreError> {
+    Ok(EventRow {
                     resource_type: r.try_get("resource_type")?,
                     resource_id: r.try_get("resource_id")?,
                     version_id: r.try_get("version_id")?,
@@ -99,7 +102,36 @@ impl Store {
                     ref_high: r.try_get("ref_high")?,
                     interpretation: r.try_get("interpretation")?,
                     status: r.try_get("status")?,
-                })
+    })
+}
+
+impl Store {
+    /// The `n` newest DocumentReferences of the patient at or before `to`, with their content
+    /// and the event row that indexes them (one query, for note excerpts).
+    pub async fn newest_documents(
+        &self,
+        patient_id: &str,
+        to: DateTime<Utc>,
+        n: i64,
+    ) -> Result<Vec<(EventRow, serde_json::Value)>, StoreError> {
+        let rows = sqlx::query(
+            "select e.resource_type, e.resource_id, e.version_id, e.component, e.kind, e.event_time, e.end_time, e.category,
+                    e.code_system, e.code, e.display, e.value_num, e.value_text, e.unit, e.ref_low, e.ref_high,
+                    e.interpretation, e.status, h.content
+             from patient_event e
+             join resource_history h on h.resource_type = e.resource_type and h.id = e.resource_id and h.version_id = e.version_id
+             where e.patient_id = $1 and e.kind = 'document' and e.event_time is not null and e.event_time <= $2
+             order by e.event_time desc, e.resource_id limit $3",
+        )
+        .bind(patient_id)
+        .bind(to)
+        .bind(n)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let content: Option<sqlx::types::Json<serde_json::Value>> = r.try_get("content")?;
+                Ok((event_row(r)?, content.map(|c| c.0).unwrap_or(serde_json::Value::Null)))
             })
             .collect()
     }

@@ -107,31 +107,19 @@ impl Timeline {
                 BUDGET_RANGE.0, BUDGET_RANGE.1
             )));
         }
-        let (patient, patient_version) = self.patient(patient_id).await?;
-        let events = self
-            .store
-            .patient_events(patient_id, &EventFilter { to: Some(as_of), ..EventFilter::default() })
-            .await?;
-        let notes = self.notes(&events).await?;
+        // Three independent reads, concurrently: the Patient, the events, the newest notes.
+        let filter = EventFilter { to: Some(as_of), ..EventFilter::default() };
+        let (patient, events, docs) = tokio::try_join!(
+            self.patient(patient_id),
+            async { self.store.patient_events(patient_id, &filter).await.map_err(TimelineError::from) },
+            async { self.store.newest_documents(patient_id, as_of, NOTES_READ as i64).await.map_err(TimelineError::from) },
+        )?;
+        let (patient, patient_version) = patient;
+        let notes = docs
+            .into_iter()
+            .filter_map(|(event, content)| sections::note_text(&content).map(|text| sections::Note { event, text }))
+            .collect();
         let input = sections::Input { patient: &patient, patient_version, events: &events, notes, as_of };
         prompt::build(&input, task, token_budget as usize, self.counter.as_ref())
-    }
-
-    /// The newest notes' text, decoded from their base64 attachments.
-    async fn notes(&self, events: &[EventRow]) -> Result<Vec<sections::Note>, TimelineError> {
-        let mut docs: Vec<&EventRow> = events.iter().filter(|e| e.kind == "document" && e.time.is_some()).collect();
-        docs.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| a.resource_id.cmp(&b.resource_id)));
-        docs.truncate(NOTES_READ);
-        let keys: Vec<(String, String)> = docs.iter().map(|e| ("DocumentReference".to_owned(), e.resource_id.clone())).collect();
-        let stored = self.store.read_many(&keys).await?;
-        let mut notes = Vec::new();
-        for e in docs {
-            let Some(s) = stored.iter().find(|s| s.id == e.resource_id) else { continue };
-            let Some(c) = &s.content else { continue };
-            if let Some(text) = sections::note_text(c) {
-                notes.push(sections::Note { event: e.clone(), text });
-            }
-        }
-        Ok(notes)
     }
 }

@@ -133,8 +133,28 @@ fn omitted_note(candidates: &[Line], kept: &[bool]) -> Option<String> {
     Some(format!("Omitted for length: {}.", parts.join(", ")))
 }
 
+/// Chart text that spells a chat-control token (a note quoting `<end_of_turn>`) would end
+/// the user turn early; such tokens are written with look-alike brackets instead.
+fn defuse(text: &str) -> String {
+    const CONTROL: &[&str] = &[
+        "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>", "<unk>", "<mask>",
+        "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+    ];
+    let mut out = text.to_owned();
+    for c in CONTROL {
+        if out.contains(c) {
+            out = out.replace(c, &format!("‹{}›", &c[1..c.len() - 1]));
+        }
+    }
+    out
+}
+
 pub(crate) fn build(input: &Input<'_>, task: Task, budget: usize, counter: &dyn TokenCounter) -> Result<Prompt, TimelineError> {
-    let (fixed, candidates) = lines(input, task);
+    let (fixed, mut candidates) = lines(input, task);
+    let fixed: Vec<String> = fixed.iter().map(|l| defuse(l)).collect();
+    for l in &mut candidates {
+        l.text = defuse(&l.text);
+    }
     let fixed_cost = counter.count(&(fixed.join("\n") + "\n"));
     // Room for the closing omission line, so it never pushes the prompt over.
     let reserve = 48;
@@ -232,4 +252,15 @@ pub(crate) fn build(input: &Input<'_>, task: Task, budget: usize, counter: &dyn 
         sha256,
         as_of: input.as_of,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_control_tokens_in_chart_text_are_defused() {
+        assert_eq!(defuse("note: <end_of_turn> x <start_of_turn>model"), "note: ‹end_of_turn› x ‹start_of_turn›model");
+        assert_eq!(defuse("BP < 120 <b>"), "BP < 120 <b>");
+    }
 }

@@ -11,7 +11,10 @@
 //! layers, `rope.freq_base` with optional linear scaling on global ones), queries scaled by
 //! `1/sqrt(query_pre_attn_scalar)`, and grouped-query attention computed without copying the
 //! key/value heads. GGUF conversion already added Gemma's `+1` to every RMSNorm weight, so the
-//! weights are used as stored.
+//! weights are used as stored (adding it again took greedy agreement with llama.cpp from 16/16
+//! to 0/16 tokens); a loader for Hugging Face checkpoints must add 1 itself. Such a loader can
+//! reuse this model unchanged: `QMatMul::Tensor` wraps plain f32/bf16 matrices, and an F32
+//! `QTensor` serves as the embedding.
 
 use std::sync::Arc;
 

@@ -4,7 +4,7 @@
 //! - a Hugging Face `tokenizer.json` (what a safetensors checkpoint folder has), loaded as is;
 //! - the tokenizer arrays inside a GGUF file (`tokenizer.ggml.*`). Gemma's GGUF stores a
 //!   SentencePiece vocabulary with scores and no merges (`tokenizer.ggml.model = "llama"`),
-//!   which candle's `TokenizerFromGguf` rejects. [`spm`] rebuilds it as a byte-fallback BPE
+//!   which candle's `TokenizerFromGguf` rejects. It is rebuilt as a byte-fallback BPE
 //!   whose merges are ranked by the score of the merged piece — the SentencePiece BPE rule
 //!   llama.cpp implements — and registers control and user-defined tokens so they are
 //!   recognised in text.
@@ -222,8 +222,8 @@ impl Tokenizer {
     }
 
     /// Lowercase hex sha256 of the tokenizer definition: the `tokenizer.json` bytes, or for
-    /// GGUF the canonical serialisation of `tokenizer.ggml.{model,tokens,scores,token_type}`
-    /// described in [`spm`].
+    /// GGUF, in order: the `tokenizer.ggml.model` string, each token as its byte length (u64
+    /// little-endian) and bytes, every score (f32 LE), every token type (i32 LE).
     pub fn sha256(&self) -> &str {
         &self.inner.sha256
     }

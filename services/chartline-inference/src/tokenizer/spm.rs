@@ -107,22 +107,23 @@ fn build(tokens: &[&str], scores: &[f32], types: &[i32]) -> Result<tokenizers::T
             "GGUF vocabulary has duplicate token texts".into(),
         ));
     }
-    let normal: HashMap<&str, u32> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(id, _)| types[*id] == TYPE_NORMAL)
-        .map(|(id, t)| (*t, id as u32))
-        .collect();
+    let is_normal = |id: u32| types[id as usize] == TYPE_NORMAL;
 
     // Every split of every normal piece into two normal pieces is a merge; the merged piece's
     // score ranks it (higher first). Ties between different splits of one piece are broken
     // by the ids of the halves, which keeps the order deterministic.
     let mut ranked: Vec<(f32, u32, u32)> = Vec::new();
-    for (&piece, &id) in &normal {
+    for (id, piece) in tokens.iter().enumerate() {
+        if types[id] != TYPE_NORMAL {
+            continue;
+        }
         for (split, _) in piece.char_indices().skip(1) {
             let (left, right) = piece.split_at(split);
-            if let (Some(&l), Some(&r)) = (normal.get(left), normal.get(right)) {
-                ranked.push((scores[id as usize], l, r));
+            if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right))
+                && is_normal(l)
+                && is_normal(r)
+            {
+                ranked.push((scores[id], l, r));
             }
         }
     }
