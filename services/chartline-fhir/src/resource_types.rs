@@ -50,8 +50,12 @@ mod tests {
         let mut sorted = R4_RESOURCE_TYPES.to_vec();
         sorted.sort_unstable();
         assert_eq!(sorted, R4_RESOURCE_TYPES, "binary search needs a sorted list");
-        assert_eq!(R4_RESOURCE_TYPES.len(), 145, "R4 4.0.1 defines 145 concrete resource types");
-        assert!(is_resource_type("Observation"));
+        for r4 in ["Observation", "MedicinalProduct", "EffectEvidenceSynthesis", "CatalogEntry", "Media", "DeviceUseStatement"] {
+            assert!(is_resource_type(r4), "{r4} is an R4 resource");
+        }
+        for other in ["SubscriptionTopic", "NutritionProduct", "ClinicalUseDefinition", "Resource", "Element"] {
+            assert!(!is_resource_type(other), "{other} is not an R4 resource type");
+        }
         assert!(!is_resource_type("observation"));
         assert!(!is_resource_type("DomainResource"));
     }

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::chat::ChatMessage;
 use crate::error::Result;
 use crate::identity::ModelIdentity;
 use crate::params::GenerateParams;
@@ -83,6 +84,13 @@ pub struct GenerationRequest {
     /// Raw prompt text (templating, e.g. [`chat_prompt`](crate::chat_prompt), is the
     /// caller's); the backend tokenizes it with BOS.
     pub prompt: String,
+    /// The conversation `prompt` was rendered from, when the caller started from chat
+    /// messages ([`Engine::generate_chat`](crate::Engine::generate_chat)). Local backends
+    /// run `prompt` and ignore this; a remote chat endpoint
+    /// ([`OpenAiBackend`](crate::OpenAiBackend)) applies its own chat template, so it sends
+    /// these instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
     /// How to generate.
     pub params: GenerateParams,
 }

@@ -20,8 +20,9 @@ use crate::backend::{
     Backend, Completion, FinishReason, GeneratedToken, GenerationEvent, GenerationRequest,
     TokenSink,
 };
+use crate::chat::{ChatMessage, chat_prompt};
 use crate::error::{Error, Result};
-use crate::gemma3::{GgufOptions, load_gguf};
+use crate::gemma3::{GgufOptions, SafetensorsOptions, load_gguf, load_safetensors};
 use crate::identity::ModelIdentity;
 use crate::params::GenerateParams;
 use crate::tokenizer::Tokenizer;
@@ -79,6 +80,13 @@ impl Engine {
         Self::spawn(load_gguf(path, options)?)
     }
 
+    /// Loads Gemma 3 text from a Hugging Face safetensors checkpoint folder (see
+    /// [`load_safetensors`]) and starts its thread. Blocking; from async code call it inside
+    /// `spawn_blocking`.
+    pub fn load_safetensors(dir: impl AsRef<Path>, options: &SafetensorsOptions) -> Result<Self> {
+        Self::spawn(load_safetensors(dir, options)?)
+    }
+
     /// Whether the model thread is alive (for health checks).
     pub fn is_running(&self) -> bool {
         self.running.load(Ordering::Acquire)
@@ -94,24 +102,48 @@ impl Engine {
         self.tokenizer.as_ref()
     }
 
-    /// Generates from `prompt` (raw text; use [`chat_prompt`](crate::chat_prompt) for chat).
-    /// The stream yields [`GenerationEvent::Token`]s as they are produced, then one
+    /// Generates from `prompt` (raw text; use [`generate_chat`](Self::generate_chat) for
+    /// chat). The stream yields [`GenerationEvent::Token`]s as they are produced, then one
     /// [`GenerationEvent::Finished`]; or a single error. Bad parameters and an empty prompt
     /// fail at once; an over-long prompt fails once tokenized. Dropping the stream cancels.
     pub fn generate(&self, prompt: impl Into<String>, params: GenerateParams) -> GenerationStream {
-        let (events, rx) = unbounded_channel();
         let prompt = prompt.into();
-        let check = if prompt.is_empty() {
-            Err(Error::invalid("prompt", "must not be empty"))
-        } else {
-            params.validate()
-        };
-        if let Err(e) = check {
-            let _ = events.send(Err(e));
-            return GenerationStream { rx };
+        if prompt.is_empty() {
+            return GenerationStream::failed(Error::invalid("prompt", "must not be empty"));
         }
+        self.submit(GenerationRequest {
+            prompt,
+            messages: None,
+            params,
+        })
+    }
+
+    /// Generates the model's reply to a conversation: the prompt is rendered with
+    /// [`chat_prompt`] (whose errors name the message) and the messages travel with it, so
+    /// a local backend runs the rendered prompt and a remote chat endpoint receives the
+    /// messages. Otherwise as [`generate`](Self::generate).
+    pub fn generate_chat(
+        &self,
+        messages: Vec<ChatMessage>,
+        params: GenerateParams,
+    ) -> GenerationStream {
+        match chat_prompt(&messages) {
+            Ok(prompt) => self.submit(GenerationRequest {
+                prompt,
+                messages: Some(messages),
+                params,
+            }),
+            Err(e) => GenerationStream::failed(e),
+        }
+    }
+
+    fn submit(&self, request: GenerationRequest) -> GenerationStream {
+        if let Err(e) = request.params.validate() {
+            return GenerationStream::failed(e);
+        }
+        let (events, rx) = unbounded_channel();
         let job = Job {
-            request: GenerationRequest { prompt, params },
+            request,
             events,
             span: tracing::Span::current(),
         };
@@ -148,6 +180,15 @@ impl Engine {
 #[derive(Debug)]
 pub struct GenerationStream {
     rx: UnboundedReceiver<Result<GenerationEvent>>,
+}
+
+impl GenerationStream {
+    /// A stream that yields `error` and ends.
+    fn failed(error: Error) -> Self {
+        let (events, rx) = unbounded_channel();
+        let _ = events.send(Err(error));
+        GenerationStream { rx }
+    }
 }
 
 impl Stream for GenerationStream {

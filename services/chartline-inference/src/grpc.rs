@@ -167,9 +167,21 @@ impl InferenceService for InferenceGrpc {
         if !req.model.is_empty() && req.model != *served && req.model != engine.identity().weights_sha256 {
             return Err(Status::invalid_argument(format!("model: unknown model {:?}; this server serves {served:?}", req.model)));
         }
-        let prompt = prompt_of(&req)?;
         let params = params_of(req.parameters.as_ref())?;
-        let events = engine.generate(prompt, params);
+        // Chat messages travel as messages (a remote engine applies its own template); a
+        // raw prompt goes as text.
+        let events = if req.messages.is_empty() {
+            engine.generate(prompt_of(&req)?, params)
+        } else {
+            prompt_of(&req)?;
+            let messages = req
+                .messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Ok(ChatMessage::new(role(&m.role, i)?, m.content.clone())))
+                .collect::<Result<Vec<_>, Status>>()?;
+            engine.generate_chat(messages, params)
+        };
         // Dropping this stream (the client went away) drops the engine's stream, which stops
         // generation at the next token.
         let mut text = String::new();

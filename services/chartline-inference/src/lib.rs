@@ -45,6 +45,8 @@ pub mod gemma3;
 mod generation;
 pub mod grpc;
 mod identity;
+mod openai;
+pub mod openai_server;
 mod params;
 mod sampling;
 mod tokenizer;
@@ -58,7 +60,11 @@ pub use embed::{EMBED_BATCH, Embedder};
 pub use engine::{Engine, GenerationStream};
 pub use error::{Error, ErrorCategory, Result};
 pub use gemma3::{GgufBackend, GgufOptions, load_gguf};
+pub use gemma3::{SafetensorsBackend, SafetensorsDtype, SafetensorsOptions, load_safetensors};
 pub use generation::{CausalLm, LocalBackend};
 pub use identity::{BackendKind, ModelIdentity};
+pub use openai::{
+    OPENAI_API_KEY_ENV, OPENAI_SPEC_PREFIX, OpenAiBackend, OpenAiOptions, UNKNOWN_TOKEN_ID,
+};
 pub use params::{GenerateParams, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES};
 pub use tokenizer::{SpecialTokens, Tokenizer, TokenizerSource};

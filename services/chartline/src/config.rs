@@ -106,9 +106,14 @@ pub struct ServeArgs {
     /// HTTP (FHIR REST) listen address.
     #[arg(long, env = "CHARTLINE_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
-    /// The model: a GGUF file or a Hugging Face folder (its tokenizer budgets prompts).
+    /// The model: a GGUF file, a Hugging Face safetensors folder, or `openai:URL#MODEL` for a
+    /// remote OpenAI-compatible engine (API key from CHARTLINE_OPENAI_API_KEY).
     #[arg(long, env = "CHARTLINE_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
+    /// The tokenizer that budgets prompts (a GGUF file, tokenizer.json or model folder);
+    /// default: the model's own, or the embedded Gemma 3 tokenizer for a remote model.
+    #[arg(long, env = "CHARTLINE_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
     /// The text embedding model folder (skipped when absent).
     #[arg(long, env = "CHARTLINE_EMBEDDING_MODEL", default_value = DEFAULT_EMBEDDING_MODEL)]
     pub embedding_model: PathBuf,

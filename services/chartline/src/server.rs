@@ -82,7 +82,8 @@ pub async fn open_store(db: &DbArgs) -> anyhow::Result<Store> {
 /// Where the models are.
 #[derive(Debug, Clone)]
 pub struct ModelPaths {
-    /// The generation model: a GGUF file.
+    /// The generation model: a GGUF file, a Hugging Face safetensors folder, or
+    /// `openai:URL#MODEL` for a remote OpenAI-compatible engine (vLLM, TGI, llama.cpp server).
     pub model: PathBuf,
     /// The embedding model folder (safetensors + tokenizer.json), if any.
     pub embedding: Option<PathBuf>,
@@ -148,8 +149,7 @@ pub async fn start(services: Services, grpc: TcpListener, http: TcpListener) -> 
             let (models, health) = (models.clone(), health.clone());
             tokio::spawn(async move {
                 let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                    let engine = Engine::load_gguf(&paths.model, &GgufOptions::default())
-                        .with_context(|| format!("loading {}", paths.model.display()))?;
+                    let engine = load_engine(&paths.model)?;
                     models.set_engine(engine);
                     if let Some(dir) = &paths.embedding {
                         models.set_embedder(Embedder::load(dir).with_context(|| format!("loading {}", dir.display()))?);
@@ -197,6 +197,7 @@ pub async fn start(services: Services, grpc: TcpListener, http: TcpListener) -> 
     let base_url = public_url.unwrap_or_else(|| format!("http://{http_addr}"));
     let app = chartline_ingest::rest::router(ingestor)
         .merge(chartline_cds::hooks::router(store.clone(), audit, base_url))
+        .merge(chartline_inference::openai_server::router(models.clone()))
         .route("/healthz", axum::routing::get(|| async { "ok" }));
     let http_task = tokio::spawn(async move {
         axum::serve(http, app).with_graceful_shutdown(token.cancelled_owned()).await.context("HTTP server")
@@ -213,13 +214,39 @@ pub async fn start(services: Services, grpc: TcpListener, http: TcpListener) -> 
     Ok(Running { grpc_addr, http_addr, shutdown, tasks, model_ready })
 }
 
+/// Loads the generation engine a model spec names: `openai:URL#MODEL`, a safetensors
+/// folder, or a GGUF file.
+pub fn load_engine(model: &std::path::Path) -> anyhow::Result<Engine> {
+    let spec = model.to_string_lossy();
+    if spec.starts_with(chartline_inference::OPENAI_SPEC_PREFIX) {
+        let backend = chartline_inference::OpenAiBackend::from_spec(&spec, chartline_inference::OpenAiOptions::from_env())
+            .context("the openai model spec")?;
+        return Engine::spawn(backend).context("starting the remote engine");
+    }
+    if model.is_dir() {
+        return Engine::load_safetensors(model, &chartline_inference::SafetensorsOptions::default())
+            .with_context(|| format!("loading {}", model.display()));
+    }
+    Engine::load_gguf(model, &GgufOptions::default()).with_context(|| format!("loading {}", model.display()))
+}
+
+/// The tokenizer that budgets prompts: `--tokenizer` when given; a local model's own; for a
+/// remote model, the embedded Gemma 3 tokenizer (MedGemma shares Gemma 3's vocabulary).
+pub fn tokenizer_path(model: &std::path::Path, tokenizer: Option<&std::path::Path>) -> PathBuf {
+    match tokenizer {
+        Some(t) => t.to_path_buf(),
+        None if model.to_string_lossy().starts_with(chartline_inference::OPENAI_SPEC_PREFIX) => PathBuf::from(crate::config::DEFAULT_MODEL),
+        None => model.to_path_buf(),
+    }
+}
+
 /// `chartline serve`: runs until SIGINT or SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(database = %args.db.redacted_url(), grpc = %args.grpc_addr, http = %args.http_addr, "starting");
     let store = open_store(&args.db).await?;
     let grpc = TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
     let http = TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
-    let counter = crate::tokens::ModelTokenCounter::load(&args.model)?;
+    let counter = crate::tokens::ModelTokenCounter::load(&tokenizer_path(&args.model, args.tokenizer.as_deref()))?;
     let worker = (args.summary_workers > 0).then(|| WorkerConfig {
         worker_id: format!("{}-{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "chartline".into()), std::process::id()),
         lease: chrono::Duration::seconds(args.job_lease_secs),

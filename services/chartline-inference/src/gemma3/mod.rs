@@ -18,6 +18,7 @@
 mod config;
 mod kv_cache;
 mod model;
+mod safetensors;
 
 use std::fs::File;
 use std::io::BufReader;
@@ -29,6 +30,7 @@ use candle_core::{DType, Device};
 
 pub use config::Gemma3Config;
 pub use model::Gemma3;
+pub use safetensors::{SafetensorsBackend, SafetensorsDtype, SafetensorsOptions, load_safetensors};
 
 use crate::error::{Error, Result};
 use crate::generation::{CausalLm, LocalBackend};

@@ -1,4 +1,4 @@
-//! The Gemma 3 text transformer over quantized weights.
+//! The Gemma 3 text transformer over quantized (GGUF) or dense (safetensors) weights.
 //!
 //! Per layer (as llama.cpp's gemma3 graph and Gemma's reference code):
 //!
@@ -12,9 +12,14 @@
 //! `1/sqrt(query_pre_attn_scalar)`, and grouped-query attention computed without copying the
 //! key/value heads. GGUF conversion already added Gemma's `+1` to every RMSNorm weight, so the
 //! weights are used as stored (adding it again took greedy agreement with llama.cpp from 16/16
-//! to 0/16 tokens); a loader for Hugging Face checkpoints must add 1 itself. Such a loader can
-//! reuse this model unchanged: `QMatMul::Tensor` wraps plain f32/bf16 matrices, and an F32
-//! `QTensor` serves as the embedding.
+//! to 0/16 tokens); a loader for Hugging Face checkpoints must add 1 itself.
+//!
+//! The same model runs dense weights (the safetensors loader): matrices as
+//! `QMatMul::Tensor` in f32 or bf16 and the embedding as a plain tensor
+//! (`Embedding::Dense`), shared with the tied output projection. Activations, norms,
+//! attention and the KV cache stay f32 whatever the weights are; a bf16 matrix multiplies a
+//! bf16 copy of its input and the product comes back as f32 (see `project`). Quantized
+//! weights take exactly the calls they always did.
 
 use std::sync::Arc;
 
@@ -68,6 +73,42 @@ impl Rope {
     }
 }
 
+/// The token embedding table.
+pub(crate) enum Embedding {
+    /// (vocab, hidden) quantized blocks (GGUF): looked-up rows are dequantized to f32.
+    Quantized(Arc<QTensor>),
+    /// (vocab, hidden) plain f32 or bf16 tensor (safetensors): looked-up rows become f32.
+    Dense(Tensor),
+}
+
+impl From<Arc<QTensor>> for Embedding {
+    fn from(t: Arc<QTensor>) -> Self {
+        Embedding::Quantized(t)
+    }
+}
+
+impl Embedding {
+    /// f32 rows for `ids`, shape `ids.dims() + (hidden,)`.
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Embedding::Quantized(q) => q.embedding(ids),
+            Embedding::Dense(w) => w.index_select(ids, 0)?.to_dtype(DType::F32),
+        }
+    }
+}
+
+/// `x @ wᵀ`. A dense weight stored in another float type than the (f32) activations, i.e.
+/// bf16, multiplies a copy of `x` in its own type and the product is converted back; every
+/// other weight (quantized, or dense of the activations' type) is applied as is.
+fn project(m: &QMatMul, x: &Tensor) -> Result<Tensor> {
+    match m {
+        QMatMul::Tensor(w) if w.dtype() != x.dtype() => {
+            m.forward(&x.to_dtype(w.dtype())?)?.to_dtype(x.dtype())
+        }
+        _ => m.forward(x),
+    }
+}
+
 pub(crate) struct Layer {
     pub wq: QMatMul,
     pub wk: QMatMul,
@@ -87,9 +128,9 @@ pub(crate) struct Layer {
 /// The Gemma 3 text model with its KV cache: one sequence at a time.
 pub struct Gemma3 {
     cfg: Gemma3Config,
-    /// (vocab, hidden), usually Q8_0: rows are dequantized for lookups, and the same tensor
-    /// is the (tied) output projection.
-    embed: Arc<QTensor>,
+    /// (vocab, hidden), usually Q8_0 (GGUF) or bf16 (safetensors): rows are converted to f32
+    /// for lookups, and the same data is the (tied) output projection.
+    embed: Embedding,
     lm_head: QMatMul,
     layers: Vec<Layer>,
     final_norm: Tensor,
@@ -105,7 +146,7 @@ impl Gemma3 {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         cfg: Gemma3Config,
-        embed: Arc<QTensor>,
+        embed: impl Into<Embedding>,
         lm_head: QMatMul,
         layers: Vec<Layer>,
         final_norm: Tensor,
@@ -139,7 +180,7 @@ impl Gemma3 {
             .collect();
         Ok(Gemma3 {
             cfg,
-            embed,
+            embed: embed.into(),
             lm_head,
             layers,
             final_norm,
@@ -196,7 +237,7 @@ impl Gemma3 {
             self.clear();
         }
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = (self.embed.embedding(&ids)? * (self.cfg.hidden_size as f64).sqrt())?
+        let mut x = (self.embed.lookup(&ids)? * (self.cfg.hidden_size as f64).sqrt())?
             .reshape((1, l, self.cfg.hidden_size))?;
         let mask_cache = MaskCache::default();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -224,7 +265,7 @@ impl Gemma3 {
         }
         let last = x.narrow(1, l - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.final_norm, self.cfg.rms_eps as f32)?;
-        let mut logits = self.lm_head.forward(&last)?;
+        let mut logits = project(&self.lm_head, &last)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
@@ -289,9 +330,9 @@ fn layer_forward(
 
     let h = candle_nn::ops::rms_norm(x, &w.attn_norm, eps)?;
     // (1, L, heads, head_dim)
-    let q = w.wq.forward(&h)?.reshape((1, l, nh, hd))?;
-    let k = w.wk.forward(&h)?.reshape((1, l, nkv, hd))?;
-    let v = w.wv.forward(&h)?.reshape((1, l, nkv, vd))?;
+    let q = project(&w.wq, &h)?.reshape((1, l, nh, hd))?;
+    let k = project(&w.wk, &h)?.reshape((1, l, nkv, hd))?;
+    let v = project(&w.wv, &h)?.reshape((1, l, nkv, vd))?;
     let q = candle_nn::ops::rms_norm(&q, &w.q_norm, eps)?;
     let k = candle_nn::ops::rms_norm(&k, &w.k_norm, eps)?;
     let q = (rope.apply(&q, pos)? * (1.0 / cfg.query_pre_attn_scalar.sqrt()))?;
@@ -331,13 +372,13 @@ fn layer_forward(
         .reshape((1, nh, l, vd))?
         .transpose(1, 2)?
         .reshape((1, l, nh * vd))?;
-    let attn = w.wo.forward(&attn)?;
+    let attn = project(&w.wo, &attn)?;
     let h = (x + candle_nn::ops::rms_norm(&attn, &w.post_attn_norm, eps)?)?;
 
     let f = candle_nn::ops::rms_norm(&h, &w.ffn_norm, eps)?;
-    let gate = w.gate.forward(&f)?.gelu()?;
-    let up = w.up.forward(&f)?;
-    let down = w.down.forward(&(gate * up)?)?;
+    let gate = project(&w.gate, &f)?.gelu()?;
+    let up = project(&w.up, &f)?;
+    let down = project(&w.down, &(gate * up)?)?;
     let y = (h + candle_nn::ops::rms_norm(&down, &w.post_ffn_norm, eps)?)?;
     debug_assert_eq!(y.dim(D::Minus1).ok(), Some(cfg.hidden_size));
     Ok(y)
