@@ -153,6 +153,21 @@ fn params_of(p: Option<&pb::GenerationParameters>) -> Result<GenerateParams, Sta
 type GenerateStream =
     Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static>>;
 
+impl InferenceGrpc {
+    /// Token ids of a request's text by the served model's tokenizer.
+    fn encode(&self, req: &pb::TokenizeRequest) -> Result<Vec<u32>, Status> {
+        if req.text.len() > MAX_TEXT_BYTES {
+            return Err(Status::invalid_argument(format!("text must be at most {MAX_TEXT_BYTES} bytes")));
+        }
+        let tok = self
+            .models
+            .engine_or_unavailable()?
+            .tokenizer()
+            .ok_or_else(|| Status::unimplemented("this backend has no local tokenizer"))?;
+        Ok(tok.encode(&req.text, req.add_bos)?)
+    }
+}
+
 #[tonic::async_trait]
 impl InferenceService for InferenceGrpc {
     type GenerateStream = GenerateStream;
@@ -216,41 +231,15 @@ impl InferenceService for InferenceGrpc {
         &self,
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
-        let req = request.into_inner();
-        if req.text.len() > MAX_TEXT_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "text must be at most {MAX_TEXT_BYTES} bytes"
-            )));
-        }
-        let tok = self
-            .models
-            .engine_or_unavailable()?
-            .tokenizer()
-            .ok_or_else(|| Status::unimplemented("this backend has no local tokenizer"))?;
-        Ok(Response::new(pb::TokenizeResponse {
-            ids: tok.encode(&req.text, req.add_bos)?,
-        }))
+        Ok(Response::new(pb::TokenizeResponse { ids: self.encode(&request.into_inner())? }))
     }
 
     async fn count_tokens(
         &self,
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::CountTokensResponse>, Status> {
-        let req = request.into_inner();
-        if req.text.len() > MAX_TEXT_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "text must be at most {MAX_TEXT_BYTES} bytes"
-            )));
-        }
-        let tok = self
-            .models
-            .engine_or_unavailable()?
-            .tokenizer()
-            .ok_or_else(|| Status::unimplemented("this backend has no local tokenizer"))?;
-        let n = tok.encode(&req.text, req.add_bos)?.len();
-        Ok(Response::new(pb::CountTokensResponse {
-            count: u32::try_from(n).unwrap_or(u32::MAX),
-        }))
+        let n = self.encode(&request.into_inner())?.len();
+        Ok(Response::new(pb::CountTokensResponse { count: u32::try_from(n).unwrap_or(u32::MAX) }))
     }
 
     async fn embed(
