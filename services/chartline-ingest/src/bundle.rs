@@ -32,7 +32,7 @@ impl Ingestor {
             payload_sha256: payload_sha256(bytes),
             rejected: 0,
         };
-        let result = self.ingest_bundle_inner(bytes, source, record.clone()).await;
+        let result = self.ingest_bundle_inner(bytes, record.clone()).await;
         if let Err(e) = &result {
             let oo = e.to_operation_outcome();
             if let Err(log_err) = self.store.log_rejection(&record, &oo).await {
@@ -43,7 +43,7 @@ impl Ingestor {
         result.map_err(IngestError::logged)
     }
 
-    async fn ingest_bundle_inner(&self, bytes: &[u8], source: &Source, mut record: IngestRecord) -> Result<BundleResponse, IngestError> {
+    async fn ingest_bundle_inner(&self, bytes: &[u8], mut record: IngestRecord) -> Result<BundleResponse, IngestError> {
         let bundle = parse_json(bytes, &self.limits)?;
         let ty = validate_resource(&bundle, &self.limits)?;
         if ty != "Bundle" {
@@ -76,7 +76,6 @@ impl Ingestor {
                 self.batch(entries, &record).await
             }
             _ => {
-                let _ = source;
                 Err(FhirError::at(
                     IssueCode::NotSupported,
                     "Bundle.type",

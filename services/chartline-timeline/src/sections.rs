@@ -226,7 +226,6 @@ fn patient_header(input: &Input<'_>) -> String {
     if deceased.is_none() && deceased_flag {
         s.push_str(", deceased");
     }
-    let _ = input.patient_version;
     s.push('.');
     s
 }

@@ -72,13 +72,9 @@ async fn serve(database_url: &str) -> Server {
         .await
         .expect("health watch")
         .into_inner();
-    let mut saw_not_serving = false;
     tokio::time::timeout(std::time::Duration::from_secs(120), async {
         while let Some(s) = watch.next().await {
             let s = s.expect("health status").status;
-            if s == ServingStatus::NotServing as i32 {
-                saw_not_serving = true;
-            }
             if s == ServingStatus::Serving as i32 {
                 return;
             }
@@ -87,7 +83,6 @@ async fn serve(database_url: &str) -> Server {
     })
     .await
     .expect("the model loads");
-    let _ = saw_not_serving;
     server
 }
 
