@@ -174,6 +174,14 @@ async fn altering_any_provenance_row_breaks_the_chain_at_that_row_and_replay_rep
     let err = sqlx::query("delete from provenance").execute(&mut *tx).await.expect_err("no delete for the service role");
     assert!(err.to_string().contains("permission denied"), "{err}");
     drop(tx);
+    // The same role can do its ordinary work: read outputs, append nothing behind the chain.
+    let mut tx = pool.begin().await.expect("tx");
+    sqlx::query("set local role chartline_service").execute(&mut *tx).await.expect("role");
+    let n: i64 = sqlx::query_scalar("select count(*) from ai_output").fetch_one(&mut *tx).await.expect("the service role reads outputs");
+    assert_eq!(n, 3);
+    let err = sqlx::query("update ai_output set narrative = ''").execute(&mut *tx).await.expect_err("outputs are append-only for the role");
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    drop(tx);
 
     // Someone with superuser rights edits row 2 behind the trigger's back: the chain breaks there.
     sqlx::query("alter table provenance disable trigger provenance_no_update").execute(&pool).await.expect("disable");
