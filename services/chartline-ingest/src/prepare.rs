@@ -343,6 +343,7 @@ async fn resolve_references(
             }
             Ok(())
         })?;
+        rewrite_urls(resource, known);
     }
     if !literals.is_empty() {
         let keys: Vec<(String, String)> = literals.iter().map(|(k, _)| k.clone()).collect();
@@ -352,6 +353,28 @@ async fn resolve_references(
         }
     }
     Ok(())
+}
+
+/// FHIR's transaction rule for elements of type url: a `url` (an Attachment's above all)
+/// that spells the fullUrl of an entry of this request (`urn:uuid:…` or absolute) becomes
+/// that entry's `Type/id`, as references do. Other urls are left as sent.
+fn rewrite_urls(v: &mut Value, known: &HashMap<String, (String, String)>) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                match child {
+                    Value::String(s) if k == "url" => {
+                        if let Some((ty, id)) = known.get(s.as_str()) {
+                            *s = format!("{ty}/{id}");
+                        }
+                    }
+                    _ => rewrite_urls(child, known),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|c| rewrite_urls(c, known)),
+        _ => {}
+    }
 }
 
 fn relocate(e: &IngestError, at: &str) -> IngestError {
@@ -502,6 +525,30 @@ mod tests {
         }
         assert!(parse_query("name=smith", "x").is_err(), "unsupported parameters are refused, not ignored");
         assert!(parse_query("identifier=a&_id=b", "x").is_err());
+    }
+
+    #[test]
+    fn attachment_urls_naming_a_bundle_entry_are_rewritten() {
+        let known: HashMap<String, (String, String)> = [
+            ("urn:uuid:0b5e4b2a-8a4c-4c7e-9d8e-1f2a3b4c5d6e".to_owned(), ("Binary".to_owned(), "b1".to_owned())),
+            ("http://ehr.example/fhir/Binary/b2".to_owned(), ("Binary".to_owned(), "b2".to_owned())),
+        ]
+        .into();
+        let mut v = serde_json::json!({
+            "resourceType": "DocumentReference",
+            "content": [
+                {"attachment": {"contentType": "image/png", "url": "urn:uuid:0b5e4b2a-8a4c-4c7e-9d8e-1f2a3b4c5d6e"}},
+                {"attachment": {"contentType": "image/png", "url": "http://ehr.example/fhir/Binary/b2"}},
+                {"attachment": {"contentType": "image/png", "url": "https://pacs.example/1.png"}}
+            ],
+            "extension": [{"url": "http://example.org/ext", "valueString": "urn:uuid:0b5e4b2a-8a4c-4c7e-9d8e-1f2a3b4c5d6e"}]
+        });
+        rewrite_urls(&mut v, &known);
+        assert_eq!(v["content"][0]["attachment"]["url"], "Binary/b1");
+        assert_eq!(v["content"][1]["attachment"]["url"], "Binary/b2");
+        assert_eq!(v["content"][2]["attachment"]["url"], "https://pacs.example/1.png");
+        assert_eq!(v["extension"][0]["url"], "http://example.org/ext");
+        assert_eq!(v["extension"][0]["valueString"], "urn:uuid:0b5e4b2a-8a4c-4c7e-9d8e-1f2a3b4c5d6e", "only url elements");
     }
 
     #[test]

@@ -136,6 +136,42 @@ impl Store {
             .collect()
     }
 
+    /// The current versions of the patient's resources indexed under `kinds` (their
+    /// component-0 rows), dated at or before `to` or undated, whose content matches the
+    /// SQL/JSON path predicate `content_filter` (a `jsonb_path_exists` path), with the event
+    /// row that indexes each; newest first (undated last), then by type and id. One query.
+    pub async fn patient_resources_matching(
+        &self,
+        patient_id: &str,
+        kinds: &[&str],
+        to: DateTime<Utc>,
+        content_filter: &str,
+    ) -> Result<Vec<(EventRow, serde_json::Value)>, StoreError> {
+        let rows = sqlx::query(
+            "select e.resource_type, e.resource_id, e.version_id, e.component, e.kind, e.event_time, e.end_time, e.category,
+                    e.code_system, e.code, e.display, e.value_num, e.value_text, e.unit, e.ref_low, e.ref_high,
+                    e.interpretation, e.status, h.content
+             from patient_event e
+             join resource_history h on h.resource_type = e.resource_type and h.id = e.resource_id and h.version_id = e.version_id
+             where e.patient_id = $1 and e.kind = any($2) and e.component = 0
+               and (e.event_time is null or e.event_time <= $3)
+               and jsonb_path_exists(h.content, $4::jsonpath)
+             order by e.event_time desc nulls last, e.resource_type, e.resource_id",
+        )
+        .bind(patient_id)
+        .bind(kinds)
+        .bind(to)
+        .bind(content_filter)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let content: Option<sqlx::types::Json<serde_json::Value>> = r.try_get("content")?;
+                Ok((event_row(r)?, content.map(|c| c.0).unwrap_or(serde_json::Value::Null)))
+            })
+            .collect()
+    }
+
     /// The benchmark floor for timelines: the same indexed SELECT, rows counted, not decoded.
     pub async fn patient_events_floor(&self, patient_id: &str) -> Result<usize, StoreError> {
         let rows = sqlx::query("select * from patient_event where patient_id = $1 order by event_time nulls last, resource_type, resource_id, component")

@@ -2,14 +2,14 @@
 
 use chartline_proto::v1::timeline_service_server::{TimelineService, TimelineServiceServer};
 use chartline_proto::v1::{
-    BuildPromptRequest, BuildPromptResponse, GetTimelineRequest, GetTimelineResponse, PromptSection, ResourceRef,
-    TimelineEvent,
+    Attachment, BuildPromptRequest, BuildPromptResponse, GetAttachmentRequest, GetTimelineRequest, GetTimelineResponse,
+    PromptImage, PromptSection, ResourceRef, TimelineEvent,
 };
 use chartline_store::EventFilter;
 use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 
-use crate::{Timeline, TimelineError};
+use crate::{Citation, PromptOptions, Timeline, TimelineError};
 
 /// `TimelineService` over a [`Timeline`].
 #[derive(Clone)]
@@ -80,9 +80,30 @@ impl TimelineService for TimelineGrpc {
             None => Utc::now(),
         };
         let task = if req.task.is_empty() { "chart_summary" } else { req.task.as_str() };
-        let p = self.timeline.build_prompt(&req.patient_id, task, i64::from(req.token_budget), as_of).await?;
+        let options = PromptOptions { max_images: req.max_images, image_tokens: req.image_tokens };
+        let p = self.timeline.build_prompt_with(&req.patient_id, task, i64::from(req.token_budget), as_of, options).await?;
         Ok(Response::new(to_proto(&p)))
     }
+
+    async fn get_attachment(&self, request: Request<GetAttachmentRequest>) -> Result<Response<Attachment>, Status> {
+        let req = request.into_inner();
+        let Some(source) = req.source else { return Err(Status::invalid_argument("source is required")) };
+        let version = match source.version_id {
+            0 => None,
+            v => Some(v),
+        };
+        let a = self.timeline.attachment(&source.resource_type, &source.id, version, req.attachment_index as usize).await?;
+        Ok(Response::new(Attachment {
+            content_type: a.content_type,
+            data: a.data.into(),
+            sha256: a.sha256,
+            source: Some(resource_ref(&a.source)),
+        }))
+    }
+}
+
+fn resource_ref(c: &Citation) -> ResourceRef {
+    ResourceRef { resource_type: c.resource_type.clone(), id: c.id.clone(), version_id: c.version_id }
 }
 
 /// The wire form of a prompt.
@@ -104,16 +125,26 @@ pub fn to_proto(p: &crate::Prompt) -> BuildPromptResponse {
             .collect(),
         token_count: p.token_count as u32,
         tokenizer: p.tokenizer.clone(),
-        citations: p
-            .citations
-            .iter()
-            .map(|c| ResourceRef { resource_type: c.resource_type.clone(), id: c.id.clone(), version_id: c.version_id })
-            .collect(),
+        citations: p.citations.iter().map(resource_ref).collect(),
         omitted: p.omitted.iter().map(|(k, v)| (k.clone(), *v as u32)).collect(),
         template_version: p.template_version.to_owned(),
         prompt_sha256: p.sha256.clone(),
         task: p.task.name().to_owned(),
         as_of: Some(ts(p.as_of)),
+        images: p
+            .images
+            .iter()
+            .map(|i| PromptImage {
+                source: Some(resource_ref(&i.source)),
+                attachment_index: i.attachment_index as u32,
+                content_type: i.content_type.clone(),
+                title: i.title.clone(),
+                date: i.date.map(ts),
+                size: i.size,
+                sha256: i.sha256.clone(),
+                placeholder_index: i.placeholder_index as u32,
+            })
+            .collect(),
     }
 }
 

@@ -8,8 +8,9 @@ use chartline_store::EventRow;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use serde_json::Value;
 
-use crate::prompt::Citation;
 use crate::TimelineError;
+use crate::images::{ChartImage, Location, Resolved};
+use crate::prompt::Citation;
 
 /// What the prompt is for. Each task brings its instructions; the set is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +89,8 @@ pub(crate) struct Line {
     pub order: usize,
     pub text: String,
     pub cites: Vec<Citation>,
+    /// An image to attach after this line (an index into [`Input::images`]), when chosen.
+    pub image: Option<usize>,
 }
 
 /// A decoded note.
@@ -102,7 +105,15 @@ pub(crate) struct Input<'a> {
     pub patient_version: i64,
     pub events: &'a [EventRow],
     pub notes: Vec<Note>,
+    /// The chart's image attachments, newest first; `resolved` for those chosen to attach.
+    pub images: Vec<InputImage>,
     pub as_of: DateTime<Utc>,
+}
+
+/// An image attachment of the chart and, when chosen for the prompt, its bytes' digest.
+pub(crate) struct InputImage {
+    pub image: ChartImage,
+    pub resolved: Option<Resolved>,
 }
 
 /// Longest note excerpt, in characters.
@@ -190,7 +201,7 @@ pub(crate) fn lines(input: &Input<'_>, task: Task) -> (Vec<String>, Vec<Line>) {
     out.extend(observations(&ev, "laboratory", "results", 75.0, 45.0));
     out.extend(observations(&ev, "vital-signs", "vital_signs", 70.0, 50.0));
     out.extend(notes(&input.notes));
-    out.extend(simple_list(&ev, &["imaging-study", "media"], "images", 55.0));
+    out.extend(images(&ev, &input.images));
     out.extend(care_plans(&ev));
     out.extend(grouped(&ev, "procedure", "procedures", 35.0, "procedure", "procedures"));
     out.extend(grouped(&ev, "immunization", "immunizations", 30.0, "dose", "doses"));
@@ -250,7 +261,7 @@ fn allergies(ev: &[&EventRow]) -> Vec<Line> {
             t.push_str(&format!(", recorded {} ", date(e.time)));
             let cites = vec![cite(e)];
             t.push_str(&tags(&cites));
-            Line { section: s, priority: 95.0, order: i, text: t, cites }
+            Line { section: s, priority: 95.0, order: i, text: t, cites, image: None }
         })
         .collect()
 }
@@ -277,7 +288,7 @@ fn problems(ev: &[&EventRow], as_of: DateTime<Utc>) -> Vec<Line> {
             let first = g.iter().filter_map(|e| e.time).min();
             let cites: Vec<Citation> = g.iter().map(|e| cite(e)).collect();
             let text = format!("- {} (since {}) {}", label(g[g.len() - 1]), date(first), tags(&cites));
-            (Line { section: section("problems"), priority: 90.0, order: 0, text, cites }, first)
+            (Line { section: section("problems"), priority: 90.0, order: 0, text, cites, image: None }, first)
         })
         .collect();
     act.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.text.cmp(&b.0.text)));
@@ -295,7 +306,7 @@ fn problems(ev: &[&EventRow], as_of: DateTime<Utc>) -> Vec<Line> {
             } else {
                 format!("- {} ({n} episodes, last {}) [{}/{}]", label(last), date(last.time), last.resource_type, last.resource_id)
             };
-            (Line { section: section("past_problems"), priority: 20.0, order: 0, text, cites: vec![cite(last)] }, last.time)
+            (Line { section: section("past_problems"), priority: 20.0, order: 0, text, cites: vec![cite(last)], image: None }, last.time)
         })
         .collect();
     res.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.text.cmp(&b.0.text)));
@@ -328,7 +339,7 @@ fn medications(ev: &[&EventRow]) -> Vec<Line> {
             let dose = latest.value_text.as_deref().map(|d| format!(": {}", one_line(d))).unwrap_or_default();
             let on_hold = if latest.status.as_deref() == Some("on-hold") { " (on hold)" } else { "" };
             let text = format!("- {}{dose}{on_hold} (since {}) {}", label(latest), date(since), tags(&cites));
-            (Line { section: section("medications"), priority: 85.0, order: 0, text, cites }, latest.time)
+            (Line { section: section("medications"), priority: 85.0, order: 0, text, cites, image: None }, latest.time)
         })
         .collect();
     act.sort_by(|a, b| a.0.text.cmp(&b.0.text));
@@ -350,7 +361,7 @@ fn medications(ev: &[&EventRow]) -> Vec<Line> {
                 latest.resource_type,
                 latest.resource_id
             );
-            (Line { section: section("past_medications"), priority: 15.0, order: 0, text, cites: vec![cite(latest)] }, latest.time)
+            (Line { section: section("past_medications"), priority: 15.0, order: 0, text, cites: vec![cite(latest)], image: None }, latest.time)
         })
         .collect();
     stopped.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.text.cmp(&b.0.text)));
@@ -364,10 +375,10 @@ fn medications(ev: &[&EventRow]) -> Vec<Line> {
 const ABNORMAL: &[&str] = &["H", "HH", "HU", "L", "LL", "LU", "A", "AA", "POS", "DET", "R", "W"];
 
 fn flag(e: &EventRow) -> Option<&'static str> {
-    if let Some(i) = e.interpretation.as_deref() {
-        if ABNORMAL.contains(&i) {
-            return Some(if i.starts_with('H') { "high" } else if i.starts_with('L') { "low" } else { "abnormal" });
-        }
+    if let Some(i) = e.interpretation.as_deref()
+        && ABNORMAL.contains(&i)
+    {
+        return Some(if i.starts_with('H') { "high" } else if i.starts_with('L') { "low" } else { "abnormal" });
     }
     let v = e.value_num?;
     if e.ref_high.is_some_and(|h| v > h) {
@@ -448,7 +459,7 @@ fn observations(ev: &[&EventRow], category: &str, key: &str, changing: f64, stab
             text.push(' ');
             text.push_str(&tags(&cites));
             let priority = if fl.is_some() || moving { changing } else { stable };
-            (Line { section: section(key), priority, order: 0, text, cites }, last.time)
+            (Line { section: section(key), priority, order: 0, text, cites, image: None }, last.time)
         })
         .collect();
     lines.sort_by(|a, b| a.0.text.cmp(&b.0.text));
@@ -469,27 +480,53 @@ fn notes(notes: &[Note]) -> Vec<Line> {
             }
             let cites = vec![cite(&n.event)];
             let text = format!("- {} {}: {excerpt} {}", date(n.event.time), label(&n.event), tags(&cites));
-            Line { section: section("notes"), priority: 60.0 - 2.0 * i as f64, order: i, text, cites }
+            Line { section: section("notes"), priority: 60.0 - 2.0 * i as f64, order: i, text, cites, image: None }
         })
         .collect()
 }
 
-fn simple_list(ev: &[&EventRow], kinds: &[&str], key: &str, base: f64) -> Vec<Line> {
-    let mut v: Vec<&&EventRow> = ev.iter().filter(|e| kinds.contains(&e.kind.as_str())).collect();
-    v.sort_by(|a, b| b.time.cmp(&a.time).then(a.resource_id.cmp(&b.resource_id)));
-    let lines: Vec<(Line, Option<DateTime<Utc>>)> = v
+/// The Imaging section: one line per image attachment (DocumentReference, Media,
+/// DiagnosticReport), plus ImagingStudy and the Media without an image attachment as facts;
+/// newest first. A line whose image is chosen to attach carries `image`.
+fn images(ev: &[&EventRow], images: &[InputImage]) -> Vec<Line> {
+    let s = section("images");
+    let covered: std::collections::HashSet<(&str, &str)> =
+        images.iter().map(|i| (i.image.source.resource_type.as_str(), i.image.source.id.as_str())).collect();
+    // (time, type, id, attachment index, text, cites, image)
+    type Item = (Option<DateTime<Utc>>, String, String, usize, String, Vec<Citation>, Option<usize>);
+    let mut items: Vec<Item> = Vec::new();
+    for e in ev.iter().filter(|e| {
+        matches!(e.kind.as_str(), "imaging-study" | "media")
+            && e.component == 0
+            && e.status.as_deref() != Some("entered-in-error")
+            && !covered.contains(&(e.resource_type.as_str(), e.resource_id.as_str()))
+    }) {
+        let mut text = format!("- {} {}", date(e.time), label(e));
+        if let Some(n) = e.value_num {
+            text.push_str(&format!(" ({} instances)", num(n)));
+        }
+        let cites = vec![cite(e)];
+        text.push(' ');
+        text.push_str(&tags(&cites));
+        items.push((e.time, e.resource_type.clone(), e.resource_id.clone(), 0, text, cites, None));
+    }
+    for (k, i) in images.iter().enumerate() {
+        let img = &i.image;
+        let availability = match img.location {
+            Location::Inline | Location::Binary { .. } => "",
+            Location::Remote => "; external, not retrievable",
+            Location::Absent => "; no data",
+        };
+        let cites = vec![img.source.clone()];
+        let text = format!("- {} {} ({}{availability}) {}", date(img.time), img.title, img.content_type, tags(&cites));
+        let image = i.resolved.as_ref().map(|_| k);
+        items.push((img.time, img.source.resource_type.clone(), img.source.id.clone(), img.attachment_index, text, cites, image));
+    }
+    items.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)).then_with(|| a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
+    let lines: Vec<(Line, Option<DateTime<Utc>>)> = items
         .into_iter()
         .enumerate()
-        .map(|(i, e)| {
-            let mut text = format!("- {} {}", date(e.time), label(e));
-            if let Some(n) = e.value_num {
-                text.push_str(&format!(" ({} instances)", num(n)));
-            }
-            let cites = vec![cite(e)];
-            text.push(' ');
-            text.push_str(&tags(&cites));
-            (Line { section: section(key), priority: base, order: i, text, cites }, e.time)
-        })
+        .map(|(order, (time, _, _, _, text, cites, image))| (Line { section: s, priority: 55.0, order, text, cites, image }, time))
         .collect();
     with_recency(lines)
 }
@@ -503,7 +540,7 @@ fn care_plans(ev: &[&EventRow]) -> Vec<Line> {
         .map(|(i, e)| {
             let cites = vec![cite(e)];
             let text = format!("- {} (since {}) {}", label(e), date(e.time), tags(&cites));
-            (Line { section: section("care_plans"), priority: 40.0, order: i, text, cites }, e.time)
+            (Line { section: section("care_plans"), priority: 40.0, order: i, text, cites, image: None }, e.time)
         })
         .collect();
     with_recency(lines)
@@ -522,7 +559,7 @@ fn grouped(ev: &[&EventRow], kind: &str, key: &str, base: f64, one: &str, many: 
             let count = if n == 1 { format!("1 {one}") } else { format!("{n} {many}") };
             let cites = vec![cite(last)];
             let text = format!("- {} ({count}, last {}) {}", label(last), date(last.time), tags(&cites));
-            (Line { section: section(key), priority: base, order: 0, text, cites }, last.time)
+            (Line { section: section(key), priority: base, order: 0, text, cites, image: None }, last.time)
         })
         .collect();
     lines.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.text.cmp(&b.0.text)));
@@ -549,7 +586,7 @@ fn encounters(ev: &[&EventRow]) -> Vec<Line> {
             } else {
                 format!("- {}{class}: {} encounters {} to {} {}", label(last), g.len(), date(first), date(last.time), tags(&cites))
             };
-            (Line { section: section("encounters"), priority: 25.0, order: 0, text, cites }, last.time)
+            (Line { section: section("encounters"), priority: 25.0, order: 0, text, cites, image: None }, last.time)
         })
         .collect();
     lines.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.text.cmp(&b.0.text)));
