@@ -90,16 +90,26 @@ pub async fn start_server_with_worker(
     summary: chartline_cds::summary::SummaryConfig,
     worker: Option<chartline_cds::worker::WorkerConfig>,
 ) -> TestServer {
+    start_server_serving(pool, summary, worker, models_dir().join("gemma3-270m/gemma-3-270m-q4_k_m.gguf")).await
+}
+
+/// The real servers with `model` (a GGUF file or a checkpoint folder) and, when given, a
+/// summary worker.
+pub async fn start_server_serving(
+    pool: sqlx::PgPool,
+    summary: chartline_cds::summary::SummaryConfig,
+    worker: Option<chartline_cds::worker::WorkerConfig>,
+    model: std::path::PathBuf,
+) -> TestServer {
     let mut store = chartline_store::Store::from_pool(pool);
     if worker.is_some() {
         store = store.with_summary_debounce(chrono::Duration::zero());
     }
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
-    let model = models_dir().join("gemma3-270m/gemma-3-270m-q4_k_m.gguf");
-    let counter = chartline::tokens::ModelTokenCounter::load(&model).expect("the embedded model (run scripts/install-models.sh)");
+    let counter = chartline::tokens::ModelTokenCounter::load(&model).expect("the model's tokenizer (run scripts/install-models.sh)");
     let mut services = chartline::server::Services::without_model(store, chartline_fhir::Limits::default(), counter);
-    services.models = Some(chartline::server::ModelPaths { model, embedding: Some(models_dir().join("all-minilm-l6-v2")) });
+    services.models = Some(chartline::server::ModelPaths { model, embedding: Some(models_dir().join("all-minilm-l6-v2")), image_text: None });
     services.summary = summary;
     services.worker = worker;
     let running = chartline::server::start(services, grpc, http).await.expect("servers start");

@@ -14,7 +14,7 @@ const CKD_PATIENT: &str = "4b86befa-fa7e-9285-615f-e081dab3f93c";
 
 /// Small enough to keep each generation to a few seconds on two cores.
 fn quick() -> SummaryConfig {
-    SummaryConfig { token_budget: 700, max_tokens: 24 }
+    SummaryConfig { token_budget: 700, max_tokens: 24, ..SummaryConfig::default() }
 }
 
 async fn load(server: &TestServer, patients: &[&str]) {
@@ -114,7 +114,7 @@ async fn from_bundle_to_cds_card_with_fhir_composition_and_provenance(pool: PgPo
 
 #[sqlx::test(migrator = "chartline_store::MIGRATOR")]
 async fn every_citation_of_the_model_resolves_or_is_flagged(pool: PgPool) {
-    let server = start_server_with_model(pool, SummaryConfig { token_budget: 1200, max_tokens: 48 }).await;
+    let server = start_server_with_model(pool, SummaryConfig { token_budget: 1200, max_tokens: 48, ..SummaryConfig::default() }).await;
     load(&server, &[CKD_PATIENT]).await;
     let s = summarize(&server, CKD_PATIENT).await;
     let prov = s.provenance.clone().expect("provenance");
@@ -225,4 +225,71 @@ async fn hooks_for_unknown_patients_and_malformed_requests(pool: PgPool) {
     let mut c = SummaryServiceClient::connect(server.grpc.clone()).await.expect("connect");
     let err = c.summarize(SummarizeRequest { patient_id: "nobody-here".into(), requester: String::new() }).await.expect_err("unknown");
     assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+/// A MedGemma-shaped multimodal checkpoint (tiny, random weights, the real tensor names)
+/// serves the summary: the chart's images go from the store through the timeline's
+/// attachment API into the model, provenance pins their bytes, and replay fetches them
+/// again and reproduces the output.
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn a_multimodal_model_sees_the_charts_images_and_replay_reproduces(pool: PgPool) {
+    // sha256 and base64 by PostgreSQL: the tests add no crypto of their own.
+    async fn sha256_hex(pool: &PgPool, bytes: &[u8]) -> String {
+        sqlx::query_scalar("select encode(sha256($1), 'hex')").bind(bytes).fetch_one(pool).await.expect("sha256")
+    }
+    async fn base64(pool: &PgPool, bytes: &[u8]) -> String {
+        sqlx::query_scalar("select translate(encode($1, 'base64'), E'\\n', '')").bind(bytes).fetch_one(pool).await.expect("base64")
+    }
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let config = SummaryConfig { token_budget: 1500, max_tokens: 4, max_images: 2 };
+    let server = tests::start_server_serving(pool.clone(), config.clone(), None, fixtures.join("tiny-medgemma")).await;
+    let images = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/images");
+    let read = |rel: &str| std::fs::read(images.join(rel)).expect("fixture image");
+    let (png, dicom) = (read("cxr/nih-cxr14-00000001_000.png"), read("dicom/RG1_J2KI.dcm"));
+    let (png64, dicom64) = (base64(&pool, &png).await, base64(&pool, &dicom).await);
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:6f1c0a52-3d2e-4f7b-9d61-0b3c7c1a9e01", "request": {"method": "POST", "url": "Patient"},
+         "resource": {"resourceType": "Patient", "name": [{"family": "Imaging", "given": ["Test"]}], "gender": "female", "birthDate": "1950-02-03"}},
+        {"fullUrl": "urn:uuid:6f1c0a52-3d2e-4f7b-9d61-0b3c7c1a9e02", "request": {"method": "POST", "url": "DocumentReference"},
+         "resource": {"resourceType": "DocumentReference", "status": "current",
+                      "subject": {"reference": "urn:uuid:6f1c0a52-3d2e-4f7b-9d61-0b3c7c1a9e01"}, "date": "2024-03-01T10:00:00Z",
+                      "type": {"text": "Chest X-ray"},
+                      "content": [{"attachment": {"contentType": "image/png", "title": "CXR PA", "data": png64}}]}},
+        {"fullUrl": "urn:uuid:6f1c0a52-3d2e-4f7b-9d61-0b3c7c1a9e03", "request": {"method": "POST", "url": "DiagnosticReport"},
+         "resource": {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "Chest radiograph"},
+                      "subject": {"reference": "urn:uuid:6f1c0a52-3d2e-4f7b-9d61-0b3c7c1a9e01"}, "effectiveDateTime": "2024-05-01T10:00:00Z",
+                      "presentedForm": [{"contentType": "application/dicom", "title": "CR chest", "data": dicom64}]}}
+    ]});
+    let (status, response) = server.post("", serde_json::to_vec(&bundle).expect("json")).await;
+    assert_eq!(status, 200, "{response}");
+    let patient = response["entry"][0]["response"]["location"].as_str().expect("location").split('/').nth(1).expect("id").to_owned();
+
+    let s = summarize(&server, &patient).await;
+    assert_eq!(s.finish_reason, "length");
+    let p = s.provenance.expect("provenance");
+    let params: Value = serde_json::from_str(&p.parameters_json).expect("parameters");
+    let used = params["images"].as_array().expect("images recorded");
+    // Newest first: the DICOM report, then the PNG document.
+    assert_eq!(used.len(), 2);
+    let (dicom_sha, png_sha) = (sha256_hex(&pool, &dicom).await, sha256_hex(&pool, &png).await);
+    assert_eq!((used[0]["resource_type"].as_str(), used[0]["sha256"].as_str()), (Some("DiagnosticReport"), Some(dicom_sha.as_str())));
+    assert_eq!((used[1]["resource_type"].as_str(), used[1]["sha256"].as_str()), (Some("DocumentReference"), Some(png_sha.as_str())));
+    let prompt_text: String = sqlx::query_scalar("select prompt_text from provenance where output_id = $1::uuid")
+        .bind(&s.output_id)
+        .fetch_one(&pool)
+        .await
+        .expect("prompt");
+    assert_eq!(prompt_text.matches("<start_of_image>").count(), 2, "one placeholder per image");
+    assert_ne!(p.prompt_sha256, sha256_hex(&pool, prompt_text.as_bytes()).await, "the prompt hash covers the images, not only the text");
+
+    // Replay fetches the same image versions and reproduces the greedy output.
+    let mut audit = audit(&server).await;
+    let r = audit.replay(ReplayRequest { output_id: s.output_id.clone() }).await.expect("replay").into_inner();
+    assert!(r.matches, "replay with the same images reproduces the output");
+
+    // With max_images 0 the same model gets no images and the record has none.
+    let server2 = tests::start_server_serving(pool.clone(), SummaryConfig { max_images: 0, ..config }, None, fixtures.join("tiny-medgemma")).await;
+    let s2 = summarize(&server2, &patient).await;
+    let params2: Value = serde_json::from_str(&s2.provenance.expect("provenance").parameters_json).expect("parameters");
+    assert!(params2.get("images").is_none());
 }

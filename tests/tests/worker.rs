@@ -14,7 +14,7 @@ use tests::{read_json, start_server_with_worker, synthea_bundles};
 #[sqlx::test(migrator = "chartline_store::MIGRATOR")]
 async fn after_ingest_every_fixture_patient_gets_a_card(pool: PgPool) {
     let worker = WorkerConfig { worker_id: "test-worker".into(), lease: chrono::Duration::seconds(120), idle: Duration::from_millis(100) };
-    let server = start_server_with_worker(pool.clone(), SummaryConfig { token_budget: 400, max_tokens: 8 }, Some(worker)).await;
+    let server = start_server_with_worker(pool.clone(), SummaryConfig { token_budget: 400, max_tokens: 8, ..SummaryConfig::default() }, Some(worker)).await;
     let mut listener = PgListener::connect_with(&pool).await.expect("listen");
     listener.listen("summary_job").await.expect("listen");
 

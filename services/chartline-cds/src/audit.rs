@@ -2,13 +2,14 @@
 
 use chartline_proto::v1::ReplayResponse;
 use chartline_proto::v1::inference_service_client::InferenceServiceClient;
+use chartline_proto::v1::timeline_service_client::TimelineServiceClient;
 use chartline_store::{Store, StoreError};
 use sha2::{Digest, Sha256};
 use tonic::Status;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::summary::{generate, parameters_from_json};
+use crate::summary::{fetch_images, generate, images_from_json, parameters_from_json};
 
 /// The first row that failed verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,13 +35,19 @@ pub struct ChainReport {
 #[derive(Clone)]
 pub struct Audit {
     store: Store,
+    timeline: TimelineServiceClient<Channel>,
     inference: InferenceServiceClient<Channel>,
 }
 
 impl Audit {
-    /// Audit over `store`, replaying through `inference`.
-    pub fn new(store: Store, inference: Channel) -> Self {
-        Audit { store, inference: InferenceServiceClient::new(inference) }
+    /// Audit over `store`, replaying through `inference` with images read back through
+    /// `timeline`.
+    pub fn new(store: Store, timeline: Channel, inference: Channel) -> Self {
+        Audit {
+            store,
+            timeline: TimelineServiceClient::new(timeline).max_decoding_message_size(256 << 20),
+            inference: InferenceServiceClient::new(inference),
+        }
     }
 
     /// The store.
@@ -89,7 +96,10 @@ impl Audit {
             .ok_or_else(|| Status::not_found("no such output"))?;
         let params = parameters_from_json(&p.content.parameters)
             .ok_or_else(|| Status::failed_precondition("the recorded parameters cannot be read back"))?;
-        let (text, _, model) = generate(&mut self.inference.clone(), &p.content.prompt_text, params).await?;
+        let used = images_from_json(&p.content.parameters)
+            .ok_or_else(|| Status::failed_precondition("the recorded images cannot be read back"))?;
+        let images = fetch_images(&mut self.timeline.clone(), &used).await?;
+        let (text, _, model) = generate(&mut self.inference.clone(), &p.content.prompt_text, params, images).await?;
         let replayed = hex::encode(Sha256::digest(text.as_bytes()));
         Ok(ReplayResponse {
             matches: replayed == p.content.output_sha256,

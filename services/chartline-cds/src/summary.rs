@@ -7,7 +7,8 @@ use std::time::Instant;
 use chartline_proto::v1::inference_service_client::InferenceServiceClient;
 use chartline_proto::v1::timeline_service_client::TimelineServiceClient;
 use chartline_proto::v1::{
-    BuildPromptRequest, ChatMessage, GenerateRequest, GenerationParameters, ModelIdentity, generate_response,
+    BuildPromptRequest, ChatMessage, GenerateRequest, GenerationParameters, GetAttachmentRequest, Image, ModelIdentity,
+    ModelInfoRequest, PromptImage, ResourceRef, generate_response,
 };
 use chartline_store::{LeasedJob, NewOutput, ProvenanceContent, ResourceWrite, Store, StoreError};
 use chrono::Utc;
@@ -32,12 +33,102 @@ pub struct SummaryConfig {
     pub token_budget: i32,
     /// Tokens the model may write.
     pub max_tokens: u32,
+    /// Chart images attached to the prompt when the model takes images (a multimodal
+    /// checkpoint such as MedGemma 4B); 0 sends none. Text-only models never get images.
+    pub max_images: u32,
 }
 
 impl Default for SummaryConfig {
     fn default() -> Self {
-        SummaryConfig { token_budget: 3000, max_tokens: 200 }
+        SummaryConfig { token_budget: 3000, max_tokens: 200, max_images: 1 }
     }
+}
+
+/// An image a summary prompt attached, as provenance records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsedImage {
+    /// The resource version holding the attachment.
+    pub resource_type: String,
+    /// Its id.
+    pub id: String,
+    /// Its version.
+    pub version_id: i64,
+    /// Which attachment of it.
+    pub attachment_index: u32,
+    /// The attachment's content type.
+    pub content_type: String,
+    /// sha256 of the image bytes (hex).
+    pub sha256: String,
+}
+
+impl UsedImage {
+    fn of(p: &PromptImage) -> Self {
+        let src = p.source.clone().unwrap_or_default();
+        UsedImage {
+            resource_type: src.resource_type,
+            id: src.id,
+            version_id: src.version_id,
+            attachment_index: p.attachment_index,
+            content_type: p.content_type.clone(),
+            sha256: p.sha256.clone(),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "resource_type": self.resource_type,
+            "id": self.id,
+            "version_id": self.version_id,
+            "attachment_index": self.attachment_index,
+            "content_type": self.content_type,
+            "sha256": self.sha256,
+        })
+    }
+
+    fn from_json(v: &Value) -> Option<Self> {
+        Some(UsedImage {
+            resource_type: v.get("resource_type")?.as_str()?.to_owned(),
+            id: v.get("id")?.as_str()?.to_owned(),
+            version_id: v.get("version_id")?.as_i64()?,
+            attachment_index: u32::try_from(v.get("attachment_index")?.as_u64()?).ok()?,
+            content_type: v.get("content_type")?.as_str()?.to_owned(),
+            sha256: v.get("sha256")?.as_str()?.to_owned(),
+        })
+    }
+}
+
+/// The images recorded in a provenance `parameters` object (none for text-only summaries).
+pub fn images_from_json(parameters: &Value) -> Option<Vec<UsedImage>> {
+    match parameters.get("images") {
+        None => Some(Vec::new()),
+        Some(v) => v.as_array()?.iter().map(UsedImage::from_json).collect(),
+    }
+}
+
+/// Fetches the bytes of `images` at their recorded versions from the timeline service and
+/// checks each against its recorded sha256 (a changed or missing image is
+/// FAILED_PRECONDITION: the prompt could no longer be reproduced).
+pub async fn fetch_images(timeline: &mut TimelineServiceClient<Channel>, images: &[UsedImage]) -> Result<Vec<Image>, tonic::Status> {
+    let mut out = Vec::with_capacity(images.len());
+    for img in images {
+        let source = ResourceRef { resource_type: img.resource_type.clone(), id: img.id.clone(), version_id: img.version_id };
+        let a = timeline
+            .get_attachment(GetAttachmentRequest { source: Some(source), attachment_index: img.attachment_index })
+            .await?
+            .into_inner();
+        if a.sha256 != img.sha256 {
+            return Err(tonic::Status::failed_precondition(format!(
+                "image {}/{} attachment {} changed since the prompt was built",
+                img.resource_type, img.id, img.attachment_index
+            )));
+        }
+        out.push(Image {
+            data: a.data,
+            content_type: a.content_type,
+            source: format!("{}/{}/_history/{}", img.resource_type, img.id, img.version_id),
+        });
+    }
+    Ok(out)
 }
 
 /// Why a summary failed.
@@ -125,17 +216,20 @@ pub fn parameters_from_json(v: &Value) -> Option<GenerationParameters> {
     })
 }
 
-/// Runs one generation over gRPC and collects the text.
+/// Runs one generation over gRPC and collects the text; `images` go with the prompt's
+/// `<start_of_image>` placeholders, in order.
 pub async fn generate(
     inference: &mut InferenceServiceClient<Channel>,
     prompt_text: &str,
     parameters: GenerationParameters,
+    images: Vec<Image>,
 ) -> Result<(String, String, ModelIdentity), tonic::Status> {
     let req = GenerateRequest {
         prompt: String::new(),
         messages: vec![ChatMessage { role: "user".into(), content: prompt_text.to_owned() }],
         parameters: Some(parameters),
         model: String::new(),
+        images,
     };
     let mut stream = inference.generate(req).await?.into_inner();
     let mut text = String::new();
@@ -170,7 +264,8 @@ impl Summarizer {
     pub fn new(store: Store, timeline: Channel, inference: Channel, config: SummaryConfig) -> Self {
         Summarizer {
             store,
-            timeline: TimelineServiceClient::new(timeline),
+            // Attachments (chart images) can exceed gRPC's default 4 MiB.
+            timeline: TimelineServiceClient::new(timeline).max_decoding_message_size(256 << 20),
             inference: InferenceServiceClient::new(inference).max_decoding_message_size(64 << 20),
             config,
         }
@@ -191,6 +286,11 @@ impl Summarizer {
     pub async fn summarize(&self, patient_id: &str, requester: &str, job: Option<&LeasedJob>) -> Result<Stored, SummaryError> {
         let data_as_of = self.store.patient_data_as_of(patient_id).await?;
         let now = Utc::now();
+        // Images go only to a model that takes them, each costing its soft tokens plus the
+        // wrapper (the timeline's default when the model does not say).
+        let info = self.inference.clone().model_info(ModelInfoRequest {}).await?.into_inner();
+        let max_images = if info.accepts_images { self.config.max_images } else { 0 };
+        let image_tokens = if info.tokens_per_image > 0 { info.tokens_per_image + 4 } else { 0 };
         let prompt = self
             .timeline
             .clone()
@@ -199,9 +299,13 @@ impl Summarizer {
                 task: TASK.to_owned(),
                 token_budget: self.config.token_budget,
                 as_of: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: 0 }),
+                max_images,
+                image_tokens,
             })
             .await?
             .into_inner();
+        let used_images: Vec<UsedImage> = prompt.images.iter().map(UsedImage::of).collect();
+        let images = fetch_images(&mut self.timeline.clone(), &used_images).await?;
 
         // The structured sections shown beside the narrative are not cut to the model's
         // budget: a clinician sees every active problem, medication and allergy.
@@ -213,13 +317,14 @@ impl Summarizer {
                 task: TASK.to_owned(),
                 token_budget: 1_000_000,
                 as_of: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: 0 }),
+                ..Default::default()
             })
             .await?
             .into_inner();
         let params = summary_parameters(&self.config);
         let started_at = Utc::now();
         let clock = Instant::now();
-        let (narrative, finish_reason, model) = generate(&mut self.inference.clone(), &prompt.prompt, params.clone()).await?;
+        let (narrative, finish_reason, model) = generate(&mut self.inference.clone(), &prompt.prompt, params.clone(), images).await?;
         let latency_ms = clock.elapsed().as_millis() as i64;
         let finished_at = Utc::now();
 
@@ -250,7 +355,13 @@ impl Summarizer {
             prompt_sha256: prompt.prompt_sha256.clone(),
             prompt_text: prompt.prompt.clone(),
             inputs: json!(inputs.iter().map(|(t, i, v)| json!({"resource_type": t, "id": i, "version_id": v})).collect::<Vec<_>>()),
-            parameters: parameters_json(&params),
+            parameters: {
+                let mut p = parameters_json(&params);
+                if !used_images.is_empty() {
+                    p["images"] = json!(used_images.iter().map(UsedImage::to_json).collect::<Vec<_>>());
+                }
+                p
+            },
             requester: requester.to_owned(),
             started_at,
             finished_at,
@@ -289,6 +400,7 @@ impl Summarizer {
             %output_id,
             chain_seq,
             latency_ms,
+            images = used_images.len(),
             citations_found = report.found,
             citations_verified = report.verified,
             unsupported = report.unsupported,

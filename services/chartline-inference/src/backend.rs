@@ -93,6 +93,32 @@ pub struct GenerationRequest {
     pub messages: Option<Vec<ChatMessage>>,
     /// How to generate.
     pub params: GenerateParams,
+    /// Images for a multimodal model, one per `<start_of_image>` placeholder of `prompt`,
+    /// in order. Empty for text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageInput>,
+}
+
+/// One image of a request: the file's bytes as the chart holds them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInput {
+    /// PNG, JPEG or DICOM bytes.
+    pub data: Vec<u8>,
+    /// `image/png`, `image/jpeg` or `application/dicom`; `None` detects from the bytes.
+    pub content_type: Option<String>,
+    /// Where it came from (e.g. `DocumentReference/abc`), for logs and errors only.
+    pub source: Option<String>,
+}
+
+impl std::fmt::Debug for ImageInput {
+    // Never the bytes: they are patient data.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageInput")
+            .field("bytes", &self.data.len())
+            .field("content_type", &self.content_type)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 /// Where a backend delivers tokens.
@@ -114,6 +140,11 @@ pub trait Backend: Send + 'static {
 
     /// The model's tokenizer, where the backend has one locally.
     fn tokenizer(&self) -> Option<&Tokenizer>;
+
+    /// How the model takes images; `None` (the default) when it takes none.
+    fn image_support(&self) -> Option<&crate::gemma3::ImageSupport> {
+        None
+    }
 
     /// Generates for `request`, delivering tokens to `sink`, and returns how it ended.
     /// Errors that concern the request (an over-long prompt) are

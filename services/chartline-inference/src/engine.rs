@@ -18,10 +18,11 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::backend::{
     Backend, Completion, FinishReason, GeneratedToken, GenerationEvent, GenerationRequest,
-    TokenSink,
+    ImageInput, TokenSink,
 };
 use crate::chat::{ChatMessage, chat_prompt};
 use crate::error::{Error, Result};
+use crate::gemma3::ImageSupport;
 use crate::gemma3::{GgufOptions, SafetensorsOptions, load_gguf, load_safetensors};
 use crate::identity::ModelIdentity;
 use crate::params::GenerateParams;
@@ -41,6 +42,7 @@ pub struct Engine {
     running: Arc<AtomicBool>,
     identity: ModelIdentity,
     tokenizer: Option<Tokenizer>,
+    image_support: Option<ImageSupport>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -56,6 +58,7 @@ impl Engine {
     pub fn spawn(backend: impl Backend) -> Result<Self> {
         let identity = backend.identity().clone();
         let tokenizer = backend.tokenizer().cloned();
+        let image_support = backend.image_support().cloned();
         let (jobs, rx) = mpsc::channel::<Job>();
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
@@ -71,7 +74,13 @@ impl Engine {
             running,
             identity,
             tokenizer,
+            image_support,
         })
+    }
+
+    /// How the model takes images; `None` for a text-only model.
+    pub fn image_support(&self) -> Option<&ImageSupport> {
+        self.image_support.as_ref()
     }
 
     /// Loads a Gemma 3 GGUF model (see [`load_gguf`]) and starts its thread. Blocking; from
@@ -115,6 +124,28 @@ impl Engine {
             prompt,
             messages: None,
             params,
+            images: Vec::new(),
+        })
+    }
+
+    /// Generates from `prompt` with `images`, one per `<start_of_image>` placeholder of the
+    /// prompt, for a multimodal model (others refuse images with an `images` error).
+    /// Otherwise as [`generate`](Self::generate).
+    pub fn generate_with_images(
+        &self,
+        prompt: impl Into<String>,
+        images: Vec<ImageInput>,
+        params: GenerateParams,
+    ) -> GenerationStream {
+        let prompt = prompt.into();
+        if prompt.is_empty() {
+            return GenerationStream::failed(Error::invalid("prompt", "must not be empty"));
+        }
+        self.submit(GenerationRequest {
+            prompt,
+            messages: None,
+            params,
+            images,
         })
     }
 
@@ -127,11 +158,23 @@ impl Engine {
         messages: Vec<ChatMessage>,
         params: GenerateParams,
     ) -> GenerationStream {
+        self.generate_chat_with_images(messages, Vec::new(), params)
+    }
+
+    /// [`generate_chat`](Self::generate_chat) with images for the messages'
+    /// `<start_of_image>` placeholders, in order.
+    pub fn generate_chat_with_images(
+        &self,
+        messages: Vec<ChatMessage>,
+        images: Vec<ImageInput>,
+        params: GenerateParams,
+    ) -> GenerationStream {
         match chat_prompt(&messages) {
             Ok(prompt) => self.submit(GenerationRequest {
                 prompt,
                 messages: Some(messages),
                 params,
+                images,
             }),
             Err(e) => GenerationStream::failed(e),
         }

@@ -1,10 +1,12 @@
 //! The decode loop shared by local models: prefill in chunks, sample, detokenize
 //! incrementally, stop on end tokens, stop sequences or `max_tokens`.
 
+use crate::backend::ImageInput;
 use crate::backend::{
     Backend, Completion, FinishReason, GeneratedToken, GenerationRequest, TokenSink, Usage,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::gemma3::ImageSupport;
 use crate::identity::ModelIdentity;
 use crate::params::check_context;
 use crate::sampling::{Sampler, fresh_seed};
@@ -22,6 +24,24 @@ pub trait CausalLm: Send + 'static {
     /// the last token. `pos == 0` starts a new sequence; otherwise `pos` continues the
     /// current one.
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>>;
+
+    /// How the model takes images; `None` (the default) for a text-only model.
+    fn image_support(&self) -> Option<&ImageSupport> {
+        None
+    }
+
+    /// Prefills a whole prompt whose image placeholders are expanded (`ids`) with its
+    /// `images`, returning the last logits, or `None` when `sink` was cancelled. Only called
+    /// when [`image_support`](Self::image_support) is `Some`.
+    fn prefill_with_images(
+        &mut self,
+        ids: &[u32],
+        images: &[ImageInput],
+        sink: &dyn TokenSink,
+    ) -> Result<Option<Vec<f32>>> {
+        let _ = (ids, images, sink);
+        Err(Error::invalid("images", "this model does not take images"))
+    }
 }
 
 /// A [`Backend`] for any local [`CausalLm`] with its tokenizer.
@@ -61,13 +81,44 @@ impl<M: CausalLm> Backend for LocalBackend<M> {
         Some(&self.tokenizer)
     }
 
+    fn image_support(&self) -> Option<&ImageSupport> {
+        self.model.image_support()
+    }
+
     fn generate(
         &mut self,
         request: &GenerationRequest,
         sink: &mut dyn TokenSink,
     ) -> Result<Completion> {
         let params = &request.params;
-        let prompt_ids = self.tokenizer.encode(&request.prompt, true)?;
+        let prompt_ids = if request.images.is_empty() {
+            self.tokenizer.encode(&request.prompt, true)?
+        } else {
+            let support = self.model.image_support().ok_or_else(|| {
+                Error::invalid(
+                    "images",
+                    format!(
+                        "model {} is text-only and does not take images",
+                        self.identity.name
+                    ),
+                )
+            })?;
+            let placeholders = request.prompt.matches(support.placeholder.as_str()).count();
+            if placeholders != request.images.len() {
+                return Err(Error::invalid(
+                    "images",
+                    format!(
+                        "{} images for {placeholders} {} placeholders in the prompt (one per image)",
+                        request.images.len(),
+                        support.placeholder
+                    ),
+                ));
+            }
+            let expanded = request
+                .prompt
+                .replace(support.placeholder.as_str(), &support.expansion);
+            self.tokenizer.encode(&expanded, true)?
+        };
         check_context(
             prompt_ids.len(),
             params.max_tokens,
@@ -87,12 +138,23 @@ impl<M: CausalLm> Backend for LocalBackend<M> {
 
         let mut pos = 0;
         let mut logits = Vec::new();
-        for chunk in prompt_ids.chunks(self.model.prefill_chunk().max(1)) {
-            if sink.is_cancelled() {
-                return Ok(finish(FinishReason::Cancelled, usage));
+        if request.images.is_empty() {
+            for chunk in prompt_ids.chunks(self.model.prefill_chunk().max(1)) {
+                if sink.is_cancelled() {
+                    return Ok(finish(FinishReason::Cancelled, usage));
+                }
+                logits = self.model.forward(chunk, pos)?;
+                pos += chunk.len();
             }
-            logits = self.model.forward(chunk, pos)?;
-            pos += chunk.len();
+        } else {
+            match self
+                .model
+                .prefill_with_images(&prompt_ids, &request.images, sink)?
+            {
+                Some(l) => logits = l,
+                None => return Ok(finish(FinishReason::Cancelled, usage)),
+            }
+            pos = prompt_ids.len();
         }
 
         let mut sampler = Sampler::new(params, seed.unwrap_or(0), &prompt_ids);

@@ -37,6 +37,7 @@
 //!   name the field and the limit. Errors never carry prompt or output text.
 
 mod backend;
+pub mod bench;
 mod chat;
 mod embed;
 mod engine;
@@ -45,24 +46,29 @@ pub mod gemma3;
 mod generation;
 pub mod grpc;
 mod identity;
+mod image_text;
+mod images;
 mod openai;
 pub mod openai_server;
 mod params;
 mod sampling;
+pub mod siglip;
 mod tokenizer;
 
 pub use backend::{
     Backend, Completion, FinishReason, GeneratedToken, GenerationEvent, GenerationRequest,
-    TokenSink, Usage,
+    ImageInput, TokenSink, Usage,
 };
 pub use chat::{ChatMessage, Role, chat_prompt};
 pub use embed::{EMBED_BATCH, Embedder};
 pub use engine::{Engine, GenerationStream};
 pub use error::{Error, ErrorCategory, Result};
+pub use gemma3::ImageSupport;
 pub use gemma3::{GgufBackend, GgufOptions, load_gguf};
 pub use gemma3::{SafetensorsBackend, SafetensorsDtype, SafetensorsOptions, load_safetensors};
 pub use generation::{CausalLm, LocalBackend};
 pub use identity::{BackendKind, ModelIdentity};
+pub use image_text::{ImageTextEmbedder, LabelScore, MAX_LABELS, SiglipDualEncoder};
 pub use openai::{
     OPENAI_API_KEY_ENV, OPENAI_SPEC_PREFIX, OpenAiBackend, OpenAiOptions, UNKNOWN_TOKEN_ID,
 };

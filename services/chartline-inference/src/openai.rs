@@ -309,6 +309,14 @@ impl Backend for OpenAiBackend {
         request: &GenerationRequest,
         sink: &mut dyn TokenSink,
     ) -> Result<Completion> {
+        if !request.images.is_empty() {
+            // Not yet: a remote engine would need the images re-encoded (DICOM is not an
+            // OpenAI image type) as data: URLs in the message parts.
+            return Err(Error::invalid(
+                "images",
+                "the openai backend does not send images to the remote engine (yet)",
+            ));
+        }
         let messages = request.messages.as_deref().ok_or_else(|| {
             Error::invalid(
                 "messages",

@@ -35,6 +35,20 @@ pub enum Command {
     BenchPrompt(BenchPromptArgs),
     /// Measure ingest throughput over FHIR REST against a bare COPY floor (empty database).
     BenchIngest(BenchIngestArgs),
+    /// Measure MedGemma 4B's vision tower on one 896x896 image against text prefill of the
+    /// same number of soft tokens (random weights of the real shapes; CPU).
+    BenchVision(BenchVisionArgs),
+}
+
+/// `chartline bench-vision`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchVisionArgs {
+    /// Timed runs (after no warm-up: each run is tens of seconds).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Type of the tower's weights: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 /// The database.
@@ -117,6 +131,14 @@ pub struct ServeArgs {
     /// The text embedding model folder (skipped when absent).
     #[arg(long, env = "CHARTLINE_EMBEDDING_MODEL", default_value = DEFAULT_EMBEDDING_MODEL)]
     pub embedding_model: PathBuf,
+    /// The image-text model folder: a SigLIP dual encoder (MedSigLIP) for EmbedImage and
+    /// Classify. None by default.
+    #[arg(long, env = "CHARTLINE_IMAGE_MODEL")]
+    pub image_model: Option<PathBuf>,
+    /// Images from the chart attached to a summary prompt when the model takes images
+    /// (a multimodal checkpoint); 0 sends none.
+    #[arg(long, env = "CHARTLINE_SUMMARY_MAX_IMAGES", default_value_t = 1)]
+    pub summary_max_images: u32,
     /// Summary workers in this process (0 to run none).
     #[arg(long, env = "CHARTLINE_SUMMARY_WORKERS", default_value_t = 1)]
     pub summary_workers: usize,
@@ -135,6 +157,10 @@ pub struct ServeArgs {
     /// Base URL for links in CDS cards (as the EHR reaches Chartline).
     #[arg(long, env = "CHARTLINE_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Largest chart attachment (image) the timeline serves or attaches to a prompt, in bytes;
+    /// GetAttachment answers RESOURCE_EXHAUSTED past it.
+    #[arg(long, env = "CHARTLINE_MAX_ATTACHMENT_BYTES", default_value_t = chartline_timeline::DEFAULT_MAX_ATTACHMENT_BYTES)]
+    pub max_attachment_bytes: u64,
 }
 
 /// The embedded default embedding model.

@@ -18,8 +18,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let store = crate::server::open_store(&args.db).await?;
     let counter = crate::tokens::ModelTokenCounter::load(&args.model)?;
     let mut services = crate::server::Services::without_model(store, chartline_fhir::Limits::default(), counter);
-    services.models = Some(crate::server::ModelPaths { model: args.model.clone(), embedding: None });
-    services.summary = chartline_cds::summary::SummaryConfig { token_budget: args.token_budget, max_tokens: args.max_tokens };
+    services.models = Some(crate::server::ModelPaths { model: args.model.clone(), embedding: None, image_text: None });
+    services.summary = chartline_cds::summary::SummaryConfig { token_budget: args.token_budget, max_tokens: args.max_tokens, ..Default::default() };
     let running = crate::server::start(services, TcpListener::bind("127.0.0.1:0").await?, TcpListener::bind("127.0.0.1:0").await?).await?;
     let base = format!("http://{}/fhir", running.http_addr);
     println!("Chartline serving FHIR REST at {base} and gRPC at {}", running.grpc_addr);

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_prompt;
+pub mod bench_vision;
 pub mod config;
 pub mod ingest_cli;
 pub mod prompt_cli;

@@ -16,6 +16,7 @@ async fn main() -> std::process::ExitCode {
         Command::Prompt(args) => chartline::prompt_cli::run(args).await,
         Command::BenchPrompt(args) => chartline::bench_prompt::run(args).await,
         Command::BenchIngest(args) => chartline::bench::run(args).await,
+        Command::BenchVision(args) => chartline::bench_vision::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -87,6 +87,8 @@ pub struct ModelPaths {
     pub model: PathBuf,
     /// The embedding model folder (safetensors + tokenizer.json), if any.
     pub embedding: Option<PathBuf>,
+    /// The image-text model folder (a SigLIP dual encoder such as MedSigLIP), if any.
+    pub image_text: Option<PathBuf>,
 }
 
 /// What the servers serve.
@@ -106,27 +108,38 @@ pub struct Services {
     pub worker: Option<WorkerConfig>,
     /// Base URL put into CDS card links (default `http://<http address>`).
     pub public_url: Option<String>,
+    /// Largest attachment the timeline returns (GetAttachment) or attaches to a prompt.
+    pub max_attachment_bytes: u64,
 }
 
 impl Services {
     /// Ingest and timeline only: no model, no worker.
     pub fn without_model(store: Store, limits: Limits, counter: Arc<dyn TokenCounter>) -> Self {
-        Services { store, limits, counter, models: None, summary: SummaryConfig::default(), worker: None, public_url: None }
+        Services {
+            store,
+            limits,
+            counter,
+            models: None,
+            summary: SummaryConfig::default(),
+            worker: None,
+            public_url: None,
+            max_attachment_bytes: chartline_timeline::DEFAULT_MAX_ATTACHMENT_BYTES,
+        }
     }
 }
 
 /// Starts both servers on the given listeners (bind `127.0.0.1:0` in tests).
 pub async fn start(services: Services, grpc: TcpListener, http: TcpListener) -> anyhow::Result<Running> {
-    let Services { store, limits, counter, models: model_paths, summary, worker, public_url } = services;
+    let Services { store, limits, counter, models: model_paths, summary, worker, public_url, max_attachment_bytes } = services;
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
     let shutdown = CancellationToken::new();
-    let timeline = Timeline::new(store.clone(), counter);
+    let timeline = Timeline::new(store.clone(), counter).with_max_attachment_bytes(max_attachment_bytes);
     let ingestor = Ingestor::new(store.clone(), limits);
     // The orchestrator talks to the timeline and inference services over gRPC, also here.
     let self_channel = Channel::from_shared(format!("http://{grpc_addr}"))?.connect_lazy();
     let summarizer = Summarizer::new(store.clone(), self_channel.clone(), self_channel.clone(), summary);
-    let audit = Audit::new(store.clone(), self_channel);
+    let audit = Audit::new(store.clone(), self_channel.clone(), self_channel);
     let models = Models::new();
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -153,6 +166,11 @@ pub async fn start(services: Services, grpc: TcpListener, http: TcpListener) -> 
                     models.set_engine(engine);
                     if let Some(dir) = &paths.embedding {
                         models.set_embedder(Embedder::load(dir).with_context(|| format!("loading {}", dir.display()))?);
+                    }
+                    if let Some(dir) = &paths.image_text {
+                        models.set_image_text(
+                            chartline_inference::ImageTextEmbedder::load(dir).with_context(|| format!("loading {}", dir.display()))?,
+                        );
                     }
                     Ok(())
                 })
@@ -256,10 +274,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         store: store.with_summary_debounce(chrono::Duration::milliseconds(args.summary_debounce_ms)),
         limits: args.limits.limits(),
         counter,
-        models: Some(ModelPaths { model: args.model.clone(), embedding: Some(args.embedding_model.clone()).filter(|p| p.exists()) }),
-        summary: SummaryConfig { token_budget: args.summary_token_budget, max_tokens: args.summary_max_tokens },
+        models: Some(ModelPaths {
+            model: args.model.clone(),
+            embedding: Some(args.embedding_model.clone()).filter(|p| p.exists()),
+            image_text: args.image_model.clone(),
+        }),
+        summary: SummaryConfig {
+            token_budget: args.summary_token_budget,
+            max_tokens: args.summary_max_tokens,
+            max_images: args.summary_max_images,
+        },
         worker,
         public_url: args.public_url.clone(),
+        max_attachment_bytes: args.max_attachment_bytes,
     };
     let running = start(services, grpc, http).await?;
     shutdown_signal().await;

@@ -18,6 +18,9 @@
 mod config;
 mod kv_cache;
 mod model;
+mod multimodal;
+#[cfg(test)]
+mod multimodal_reference;
 mod safetensors;
 
 use std::fs::File;
@@ -30,6 +33,9 @@ use candle_core::{DType, Device};
 
 pub use config::Gemma3Config;
 pub use model::Gemma3;
+pub(crate) use model::Layer as BenchLayer;
+pub use multimodal::ImageSupport;
+pub(crate) use safetensors::{Checkpoint, Keys, sha256_of_files, siglip_vision_config};
 pub use safetensors::{SafetensorsBackend, SafetensorsDtype, SafetensorsOptions, load_safetensors};
 
 use crate::error::{Error, Result};
@@ -306,6 +312,41 @@ fn q5_0_to_q8_0(q5: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A text model from parts, for the vision benchmark (random weights).
+pub(crate) fn bench_text_model(
+    cfg: Gemma3Config,
+    embed: Arc<QTensor>,
+    lm_head: QMatMul,
+    layers: Vec<model::Layer>,
+    final_norm: candle_core::Tensor,
+    context: usize,
+    device: &Device,
+) -> Result<Gemma3> {
+    Ok(Gemma3::new(
+        cfg, embed, lm_head, layers, final_norm, context, context, device,
+    )?)
+}
+
+/// A projector with weights from `src`, for the vision benchmark.
+pub(crate) fn bench_projector(
+    src: &mut dyn crate::siglip::WeightSource,
+    vision: &crate::siglip::SiglipVisionConfig,
+    text_hidden: usize,
+    tokens_per_image: usize,
+    dtype: DType,
+) -> Result<multimodal::Projector> {
+    let dv = vision.tower.hidden_size;
+    let norm = src.tensor("mm_soft_emb_norm.weight", &[dv], DType::F32)?;
+    let projection = src.tensor("mm_input_projection_weight", &[dv, text_hidden], dtype)?;
+    multimodal::Projector::new(
+        norm,
+        vision.tower.layer_norm_eps,
+        projection,
+        vision.patches_per_side(),
+        tokens_per_image,
+    )
+}
+
 impl CausalLm for Gemma3 {
     fn context_length(&self) -> usize {
         self.max_positions()
@@ -317,6 +358,19 @@ impl CausalLm for Gemma3 {
 
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
         Ok(Gemma3::forward(self, tokens, pos)?)
+    }
+
+    fn image_support(&self) -> Option<&ImageSupport> {
+        Gemma3::image_support(self)
+    }
+
+    fn prefill_with_images(
+        &mut self,
+        ids: &[u32],
+        images: &[crate::backend::ImageInput],
+        sink: &dyn crate::backend::TokenSink,
+    ) -> Result<Option<Vec<f32>>> {
+        Gemma3::prefill_with_images(self, ids, images, sink)
     }
 }
 

@@ -140,6 +140,8 @@ pub struct Gemma3 {
     max_positions: usize,
     prefill_chunk: usize,
     device: Device,
+    /// The vision tower and projector of a multimodal checkpoint.
+    vision: Option<Box<super::multimodal::Vision>>,
 }
 
 impl Gemma3 {
@@ -190,7 +192,23 @@ impl Gemma3 {
             max_positions,
             prefill_chunk,
             device: device.clone(),
+            vision: None,
         })
+    }
+
+    /// Attaches a vision tower and projector (a multimodal checkpoint).
+    pub(crate) fn set_vision(&mut self, vision: super::multimodal::Vision) {
+        self.vision = Some(Box::new(vision));
+    }
+
+    /// The vision side, when the checkpoint has one.
+    pub(crate) fn vision(&self) -> Option<&super::multimodal::Vision> {
+        self.vision.as_deref()
+    }
+
+    /// The device the model runs on.
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The hyper-parameters.
@@ -222,6 +240,23 @@ impl Gemma3 {
     /// [`next_pos`](Self::next_pos); 0 starts a new sequence) and returns the logits of the
     /// last one.
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
+        self.forward_with_images(tokens, pos, &[], &[])
+    }
+
+    /// As [`forward`](Self::forward), with image soft tokens: each `(offset, features)` of
+    /// `images` replaces the embeddings of `tokens[offset .. offset + T]` by `features`
+    /// (T, hidden) (image features are not scaled by `sqrt(hidden)`; text embeddings are),
+    /// and positions inside one of `spans` (absolute `[start, end)`) also see every later
+    /// position of the same span: attention is bidirectional inside each image and causal
+    /// (and windowed on sliding layers) elsewhere. A span must lie inside this call's
+    /// positions.
+    pub(crate) fn forward_with_images(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        images: &[(usize, Tensor)],
+        spans: &[(usize, usize)],
+    ) -> Result<Vec<f32>> {
         let l = tokens.len();
         if l == 0 {
             candle_core::bail!("forward needs at least one token");
@@ -236,10 +271,24 @@ impl Gemma3 {
         if pos == 0 {
             self.clear();
         }
+        for &(s, e) in spans {
+            if s < pos || e > pos + l || s >= e {
+                candle_core::bail!(
+                    "image span {s}..{e} is not inside positions {pos}..{}",
+                    pos + l
+                );
+            }
+        }
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = (self.embed.lookup(&ids)? * (self.cfg.hidden_size as f64).sqrt())?
-            .reshape((1, l, self.cfg.hidden_size))?;
-        let mask_cache = MaskCache::default();
+        let mut x = (self.embed.lookup(&ids)? * (self.cfg.hidden_size as f64).sqrt())?;
+        if !images.is_empty() {
+            x = splice_rows(&x, images)?;
+        }
+        let mut x = x.reshape((1, l, self.cfg.hidden_size))?;
+        let mask_cache = MaskCache {
+            spans: spans.to_vec(),
+            ..MaskCache::default()
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let global = self.cfg.is_global(i);
             let rope = if global {
@@ -280,6 +329,34 @@ type MaskKey = (usize, usize, usize, Option<usize>);
 #[derive(Default)]
 struct MaskCache {
     masks: std::cell::RefCell<Vec<(MaskKey, Tensor)>>,
+    /// Image spans (absolute `[start, end)`) with bidirectional attention inside.
+    spans: Vec<(usize, usize)>,
+}
+
+/// Replaces rows of `x` (L, hidden): each `(offset, rows)` puts `rows` (T, hidden) at
+/// `offset .. offset + T`. Offsets must be increasing and the blocks disjoint.
+fn splice_rows(x: &Tensor, blocks: &[(usize, Tensor)]) -> Result<Tensor> {
+    let (l, _) = x.dims2()?;
+    let mut pieces = Vec::with_capacity(2 * blocks.len() + 1);
+    let mut at = 0;
+    for (offset, rows) in blocks {
+        let t = rows.dim(0)?;
+        if *offset < at || offset + t > l {
+            candle_core::bail!(
+                "image features at {offset}..{} overlap or overrun {l} tokens",
+                offset + t
+            );
+        }
+        if *offset > at {
+            pieces.push(x.narrow(0, at, offset - at)?);
+        }
+        pieces.push(rows.to_dtype(x.dtype())?);
+        at = offset + t;
+    }
+    if at < l {
+        pieces.push(x.narrow(0, at, l - at)?);
+    }
+    Tensor::cat(&pieces, 0)
 }
 
 impl MaskCache {
@@ -302,7 +379,14 @@ impl MaskCache {
             let q = pos + i;
             for j in 0..t {
                 let k = key_start + j;
-                let visible = k <= q && window.is_none_or(|w| q - k < w);
+                let causal = k <= q && window.is_none_or(|w| q - k < w);
+                // Union with the image block, as `transformers` ORs its image mask into
+                // both the full and the sliding-window causal masks.
+                let same_image = self
+                    .spans
+                    .iter()
+                    .any(|&(s, e)| (s..e).contains(&q) && (s..e).contains(&k));
+                let visible = causal || same_image;
                 data.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
             }
         }
@@ -382,4 +466,57 @@ fn layer_forward(
     let y = (h + candle_nn::ops::rms_norm(&down, &w.post_ffn_norm, eps)?)?;
     debug_assert_eq!(y.dim(D::Minus1).ok(), Some(cfg.hidden_size));
     Ok(y)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn visible(mask: &Tensor) -> Vec<Vec<bool>> {
+        mask.to_vec2::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|row| row.into_iter().map(|v| v == 0.0).collect())
+            .collect()
+    }
+
+    #[test]
+    fn attention_is_bidirectional_inside_an_image_and_causal_elsewhere() {
+        // Positions 0..8 with an image at 2..6.
+        let masks = MaskCache {
+            spans: vec![(2, 6)],
+            ..MaskCache::default()
+        };
+        let full = visible(&masks.get(8, 0, 0, 8, None, &Device::Cpu).unwrap());
+        for (q, row) in full.iter().enumerate() {
+            for (k, &seen) in row.iter().enumerate() {
+                let in_image = (2..6).contains(&q) && (2..6).contains(&k);
+                assert_eq!(seen, k <= q || in_image, "full layer, q {q} k {k}");
+            }
+        }
+        // Image tokens see later image tokens; text before the image does not.
+        assert!(full[2][5]);
+        assert!(!full[1][3]);
+        // Text after the image sees the whole image, causally.
+        assert!(full[6][2] && full[6][5] && !full[6][7]);
+
+        // Sliding window of 2: the image block is a union with the windowed causal mask.
+        let windowed = visible(&masks.get(8, 0, 0, 8, Some(2), &Device::Cpu).unwrap());
+        assert!(windowed[5][2], "same image, outside the window: visible");
+        assert!(windowed[2][5], "same image, later position: visible");
+        assert!(!windowed[7][3], "text outside the window: hidden");
+        assert!(
+            windowed[6][5] && !windowed[6][4],
+            "window applies after the image"
+        );
+
+        // No spans: plain causal.
+        let plain = visible(
+            &MaskCache::default()
+                .get(4, 0, 0, 4, None, &Device::Cpu)
+                .unwrap(),
+        );
+        assert!(!plain[0][1] && plain[1][0]);
+    }
 }

@@ -55,9 +55,12 @@ use sha2::{Digest, Sha256};
 use super::DEFAULT_CONTEXT_LENGTH;
 use super::config::{DEFAULT_SLIDING_WINDOW_PATTERN, Gemma3Config};
 use super::model::{Embedding, Gemma3, Layer};
+use super::multimodal::{ImageSupport, Projector, Vision};
 use crate::error::{Error, Result};
 use crate::generation::LocalBackend;
 use crate::identity::{BackendKind, ModelIdentity};
+use crate::images::ImagePreprocessor;
+use crate::siglip::{SiglipTowerConfig, SiglipVision, SiglipVisionConfig, WeightSource};
 use crate::tokenizer::Tokenizer;
 
 /// The safetensors Gemma 3 backend (the same model type as the GGUF backend).
@@ -83,7 +86,7 @@ impl SafetensorsDtype {
         }
     }
 
-    fn dtype(self) -> DType {
+    pub(crate) fn dtype(self) -> DType {
         match self {
             SafetensorsDtype::Bf16 => DType::BF16,
             SafetensorsDtype::F32 => DType::F32,
@@ -131,6 +134,9 @@ pub struct SafetensorsOptions {
     pub cuda_device: Option<usize>,
     /// Model name for the identity; default the folder's name.
     pub name: Option<String>,
+    /// Skip a multimodal checkpoint's vision tower and projector (less memory; the model
+    /// then refuses images).
+    pub text_only: bool,
 }
 
 impl Default for SafetensorsOptions {
@@ -142,6 +148,7 @@ impl Default for SafetensorsOptions {
             query_pre_attn_scalar: None,
             cuda_device: None,
             name: None,
+            text_only: false,
         }
     }
 }
@@ -302,7 +309,21 @@ fn load_model(
         });
     }
     let final_norm = norm(&format!("{prefix}norm.weight"), h)?;
-    let model = Gemma3::new(
+    let vision = if options.text_only {
+        None
+    } else {
+        load_vision(
+            dir,
+            &text,
+            &config_path,
+            checkpoint,
+            &tokenizer,
+            dtype,
+            &device,
+            h,
+        )?
+    };
+    let mut model = Gemma3::new(
         cfg,
         Embedding::Dense(embed),
         lm_head,
@@ -312,6 +333,9 @@ fn load_model(
         options.prefill_chunk.max(1),
         &device,
     )?;
+    if let Some(vision) = vision {
+        model.set_vision(vision);
+    }
 
     let name = options
         .name
@@ -332,6 +356,150 @@ fn load_model(
     Ok((model, tokenizer, identity))
 }
 
+/// Prefixes of the vision tower and projector: the Hub's legacy layout first, then the one
+/// newer `transformers` saves.
+const VISION_PREFIXES: [(&str, &str); 2] = [
+    ("vision_tower.vision_model", "multi_modal_projector"),
+    (
+        "model.vision_tower.vision_model",
+        "model.multi_modal_projector",
+    ),
+];
+
+impl WeightSource for (&mut Checkpoint, &Device) {
+    fn tensor(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let (checkpoint, device) = self;
+        checkpoint.tensor(name, shape, dtype, device)
+    }
+}
+
+/// Reads `vision_config` (SigLIP keys, `transformers`' defaults where absent except the
+/// sizes, which differ per model).
+pub(crate) fn siglip_vision_config(k: &Keys<'_>) -> Result<SiglipVisionConfig> {
+    if let Some(act) = k.opt_str("hidden_act")?
+        && act != "gelu_pytorch_tanh"
+    {
+        return Err(k.err(
+            "hidden_act",
+            format!("is {act:?}; this tower computes gelu_pytorch_tanh"),
+        ));
+    }
+    Ok(SiglipVisionConfig {
+        tower: SiglipTowerConfig {
+            hidden_size: k.required_usize("hidden_size")?,
+            intermediate_size: k.required_usize("intermediate_size")?,
+            num_layers: k.required_usize("num_hidden_layers")?,
+            num_heads: k.required_usize("num_attention_heads")?,
+            layer_norm_eps: k.positive_f64_or("layer_norm_eps", 1e-6)?,
+        },
+        image_size: k.required_usize("image_size")?,
+        patch_size: k.required_usize("patch_size")?,
+        num_channels: k.usize_or("num_channels", 3)?,
+        use_head: k.opt_bool("vision_use_head")?.unwrap_or(true),
+    })
+}
+
+/// Loads the vision tower, projector and image preprocessing of a multimodal checkpoint;
+/// `None` when the checkpoint has no vision tower (a text-only export).
+#[allow(clippy::too_many_arguments)]
+fn load_vision(
+    dir: &Path,
+    root: &Value,
+    config_path: &Path,
+    checkpoint: &mut Checkpoint,
+    tokenizer: &Tokenizer,
+    dtype: DType,
+    device: &Device,
+    text_hidden: usize,
+) -> Result<Option<Vision>> {
+    let Some((tower_prefix, projector_prefix)) = VISION_PREFIXES.into_iter().find(|(t, _)| {
+        checkpoint
+            .index
+            .contains_key(&format!("{t}.embeddings.patch_embedding.weight"))
+    }) else {
+        return Ok(None);
+    };
+    let obj = root.as_object().ok_or_else(|| {
+        Error::InvalidModel(format!("{} is not a JSON object", config_path.display()))
+    })?;
+    let top = Keys {
+        obj,
+        prefix: "",
+        file: config_path,
+    };
+    let vision_obj = match top.get("vision_config") {
+        Some(Value::Object(o)) => o,
+        _ => {
+            return Err(top.err(
+                "vision_config",
+                "is required: the checkpoint has a vision tower",
+            ));
+        }
+    };
+    let vk = Keys {
+        obj: vision_obj,
+        prefix: "vision_config.",
+        file: config_path,
+    };
+    let mut cfg = siglip_vision_config(&vk)?;
+    // Gemma 3 reads the patch states; a pooling head, if saved, is not used.
+    cfg.use_head = false;
+    let tokens_per_image = top.usize_or("mm_tokens_per_image", 256)?;
+    let token = |key: &str, default: usize| -> Result<(u32, String)> {
+        let id = top.usize_or(key, default)?;
+        let id = u32::try_from(id).map_err(|_| top.err(key, "is out of range"))?;
+        let text = tokenizer
+            .id_to_token(id)
+            .ok_or_else(|| top.err(key, format!("({id}) is not a token of tokenizer.json")))?;
+        Ok((id, text))
+    };
+    let (image_token_id, image_token) = token("image_token_index", 262_144)?;
+    let (_, boi) = token("boi_token_index", 255_999)?;
+    let (_, eoi) = token("eoi_token_index", 256_000)?;
+
+    let preprocessor = ImagePreprocessor::from_file(&dir.join("preprocessor_config.json"))?;
+    if preprocessor.size() != (cfg.image_size, cfg.image_size) {
+        return Err(Error::InvalidModel(format!(
+            "preprocessor_config.json resizes to {:?} but vision_config.image_size is {}",
+            preprocessor.size(),
+            cfg.image_size
+        )));
+    }
+    let mut src = (checkpoint, device);
+    let tower = SiglipVision::load(&mut src, tower_prefix, &cfg, dtype)?;
+    let dv = cfg.tower.hidden_size;
+    let norm = (src.tensor(
+        &format!("{projector_prefix}.mm_soft_emb_norm.weight"),
+        &[dv],
+        DType::F32,
+    )? + 1.0)?;
+    let projection = src.tensor(
+        &format!("{projector_prefix}.mm_input_projection_weight"),
+        &[dv, text_hidden],
+        dtype,
+    )?;
+    let projector = Projector::new(
+        norm,
+        cfg.tower.layer_norm_eps,
+        projection,
+        cfg.patches_per_side(),
+        tokens_per_image,
+    )?;
+    let expansion = format!("\n\n{boi}{}{eoi}\n\n", image_token.repeat(tokens_per_image));
+    Ok(Some(Vision {
+        tower,
+        projector,
+        preprocessor,
+        support: ImageSupport {
+            placeholder: boi,
+            expansion,
+            image_token_id,
+            tokens_per_image,
+            image_size: cfg.image_size,
+        },
+    }))
+}
+
 /// Where the untied output projection lives, given the text model's prefix.
 fn checkpoint_lm_head(prefix: &str) -> String {
     match prefix {
@@ -350,6 +518,11 @@ fn read_json(path: &Path) -> Result<Value> {
 }
 
 /// Streams `files` one after another through one sha256; gives up when `stop` is set.
+/// sha256 of the files' bytes concatenated in order (see [`load_safetensors`]).
+pub(crate) fn sha256_of_files(files: &[PathBuf]) -> Result<String> {
+    sha256_concatenated(files, &AtomicBool::new(false))
+}
+
 fn sha256_concatenated(files: &[PathBuf], stop: &AtomicBool) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -396,20 +569,25 @@ struct TextConfig {
 
 /// The keys of one JSON object, with the path used to name them in errors.
 #[derive(Clone, Copy)]
-struct Keys<'a> {
+pub(crate) struct Keys<'a> {
     obj: &'a Map<String, Value>,
     /// `""` or `"text_config."`.
     prefix: &'a str,
     file: &'a Path,
 }
 
-impl Keys<'_> {
+impl<'a> Keys<'a> {
+    /// Keys of `obj`, reported as `{prefix}key` of `file`.
+    pub(crate) fn new(obj: &'a Map<String, Value>, prefix: &'a str, file: &'a Path) -> Self {
+        Keys { obj, prefix, file }
+    }
+
     /// The value of `key`; JSON `null` counts as absent.
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    fn err(&self, key: &str, what: impl fmt::Display) -> Error {
+    pub(crate) fn err(&self, key: &str, what: impl fmt::Display) -> Error {
         Error::InvalidModel(format!(
             "{}: {}{key} {what}",
             self.file.display(),
@@ -428,7 +606,7 @@ impl Keys<'_> {
             .ok_or_else(|| self.err(key, format!("must be a non-negative integer (got {v})")))
     }
 
-    fn required_usize(&self, key: &str) -> Result<usize> {
+    pub(crate) fn required_usize(&self, key: &str) -> Result<usize> {
         let v = self
             .get(key)
             .ok_or_else(|| self.err(key, "is required but missing"))?;
@@ -443,7 +621,7 @@ impl Keys<'_> {
         self.get(key).map(|v| self.usize_value(key, v)).transpose()
     }
 
-    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+    pub(crate) fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         let n = self.opt_usize(key)?.unwrap_or(default);
         if n == 0 {
             return Err(self.err(key, "must be positive (got 0)"));
@@ -460,7 +638,7 @@ impl Keys<'_> {
             .transpose()
     }
 
-    fn positive_f64_or(&self, key: &str, default: f64) -> Result<f64> {
+    pub(crate) fn positive_f64_or(&self, key: &str, default: f64) -> Result<f64> {
         let x = self.opt_f64(key)?.unwrap_or(default);
         if !(x.is_finite() && x > 0.0) {
             return Err(self.err(key, format!("must be a positive number (got {x})")));
@@ -468,7 +646,7 @@ impl Keys<'_> {
         Ok(x)
     }
 
-    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+    pub(crate) fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         self.get(key)
             .map(|v| {
                 v.as_bool()
@@ -477,7 +655,7 @@ impl Keys<'_> {
             .transpose()
     }
 
-    fn opt_str(&self, key: &str) -> Result<Option<&str>> {
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<&str>> {
         self.get(key)
             .map(|v| {
                 v.as_str()
@@ -849,7 +1027,7 @@ struct Shard {
 }
 
 /// A checkpoint's weight files, opened and their headers read.
-struct Checkpoint {
+pub(crate) struct Checkpoint {
     dir: PathBuf,
     /// In file-name order.
     shards: Vec<Shard>,
@@ -858,7 +1036,7 @@ struct Checkpoint {
 }
 
 impl Checkpoint {
-    fn open(dir: &Path) -> Result<Self> {
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         if index_path.is_file() {
             let index = read_json(&index_path)?;
@@ -927,6 +1105,11 @@ impl Checkpoint {
         }
     }
 
+    /// The weight files, in file-name order.
+    pub(crate) fn files(&self) -> Vec<PathBuf> {
+        self.shards.iter().map(|s| s.path.clone()).collect()
+    }
+
     /// The prefix of the language model's tensor names.
     fn text_prefix(&self) -> Result<&'static str> {
         [TEXT_PREFIX, LEGACY_MULTIMODAL_PREFIX, MULTIMODAL_PREFIX]
@@ -965,7 +1148,7 @@ impl Checkpoint {
     }
 
     /// Reads tensor `name`, which must have `shape`, as `dtype` on `device`.
-    fn tensor(
+    pub(crate) fn tensor(
         &mut self,
         name: &str,
         shape: &[usize],
