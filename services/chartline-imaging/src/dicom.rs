@@ -1,5 +1,6 @@
 //! DICOM Part 10 files: stored values of frame 0, Modality LUT, VOI window, RGB.
 
+use std::borrow::Cow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use dicom_core::Tag;
@@ -13,6 +14,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use crate::decode::{DecodedImage, Detected, Limits, SourceFormat, detect};
 use crate::dicom_guard::{self, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE};
 use crate::error::{ImageError, describe};
+use crate::frame_header::{self, FrameHeader, FrameKind};
 
 /// The stored values of a DICOM image's first frame, before any LUT.
 #[derive(Clone, PartialEq, Eq)]
@@ -61,7 +63,7 @@ pub fn dicom_stored_values(bytes: &[u8]) -> Result<StoredFrame, ImageError> {
             let file = open(&bytes[magic_at..])?;
             let module = PixelModule::read(&file.object)?;
             module.check_limits(&limits)?;
-            let (values, _) = stored_values(&file, &module)?;
+            let (values, _) = stored_values(&file, &module, &limits)?;
             Ok(StoredFrame {
                 rows: module.rows,
                 columns: module.columns,
@@ -254,7 +256,11 @@ enum Origin {
 }
 
 /// Frame 0's samples as `i32`, interleaved.
-fn stored_values(file: &OpenFile, m: &PixelModule) -> Result<(Vec<i32>, Origin), ImageError> {
+fn stored_values(
+    file: &OpenFile,
+    m: &PixelModule,
+    limits: &Limits,
+) -> Result<(Vec<i32>, Origin), ImageError> {
     let element = file
         .object
         .element_opt(tags::PIXEL_DATA)
@@ -285,7 +291,7 @@ fn stored_values(file: &OpenFile, m: &PixelModule) -> Result<(Vec<i32>, Origin),
         })?;
         (frame.to_vec(), Origin::Native)
     } else {
-        (decode_encapsulated(file, m)?, Origin::Decoded)
+        (decode_encapsulated(file, m, limits)?, Origin::Decoded)
     };
     let needed = m.pixels() * spp * bps;
     let samples_in_buffer = if origin == Origin::Native && m.is_native_ybr_422() {
@@ -359,7 +365,11 @@ fn expand_ybr_422(raw: &[i32], m: &PixelModule) -> Result<Vec<i32>, ImageError> 
     Ok(out)
 }
 
-fn decode_encapsulated(file: &OpenFile, m: &PixelModule) -> Result<Vec<u8>, ImageError> {
+fn decode_encapsulated(
+    file: &OpenFile,
+    m: &PixelModule,
+    limits: &Limits,
+) -> Result<Vec<u8>, ImageError> {
     let uid = file.transfer_syntax.as_str();
     let ts = TransferSyntaxRegistry
         .get(uid)
@@ -371,11 +381,7 @@ fn decode_encapsulated(file: &OpenFile, m: &PixelModule) -> Result<Vec<u8>, Imag
             ts.name()
         )));
     };
-    if ts.uid().starts_with("1.2.840.10008.1.2.4.9")
-        || ts.uid().starts_with("1.2.840.10008.1.2.4.20")
-    {
-        check_j2k_header(file, m)?;
-    }
+    check_frame_header(file, m, limits)?;
     let mut out = Vec::new();
     // The codecs index their buffers by the attributes and the codestream header; a
     // disagreement between the two is a panic in some of them, which must not take the
@@ -399,46 +405,100 @@ fn decode_encapsulated(file: &OpenFile, m: &PixelModule) -> Result<Vec<u8>, Imag
     }
 }
 
-/// Checks the JPEG 2000 SIZ marker of frame 0's first fragment against the attributes
-/// before the decoder allocates for the size the codestream declares.
-fn check_j2k_header(file: &OpenFile, m: &PixelModule) -> Result<(), ImageError> {
-    let Some(fragment) = file
+/// Checks the header of frame 0's compressed data (JPEG SOF, JP2 `ihdr` and codestream
+/// SIZ, JPEG 2000 SIZ) against the attributes and the limits, before the codec allocates
+/// for the size the header declares: `jpeg-decoder` allocates whatever a SOF declares
+/// (65535 x 65535 x 3 is 12 GiB), and a failed allocation aborts the process, which
+/// `catch_unwind` cannot stop. Frames in any other format are left to the codec.
+fn check_frame_header(file: &OpenFile, m: &PixelModule, limits: &Limits) -> Result<(), ImageError> {
+    let Some(value) = file
         .object
         .element_opt(tags::PIXEL_DATA)
         .ok()
         .flatten()
-        .and_then(|e| e.value().fragments())
-        .and_then(|f| f.first())
+        .map(|e| e.value())
     else {
+        return Err(ImageError::unsupported_dicom(
+            "no Pixel Data (7FE0,0010): not an image",
+        ));
+    };
+    let fragments = value.fragments().unwrap_or_default();
+    if fragments.is_empty() {
         return Err(ImageError::corrupt(
             "DICOM",
             "encapsulated Pixel Data has no fragments",
         ));
-    };
-    // A JP2 wrapper (not allowed in DICOM, but seen) is left to the decoder.
-    if !fragment.starts_with(&[0xFF, 0x4F, 0xFF, 0x51]) {
-        return Ok(());
     }
-    let field = |at: usize| {
-        fragment
-            .get(at..at + 4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    // SOC(2) SIZ(2) Lsiz(2) Rsiz(2) Xsiz(4) Ysiz(4) XOsiz(4) YOsiz(4)
-    let (Some(x), Some(y), Some(x0), Some(y0)) = (field(8), field(12), field(16), field(20)) else {
+    let offset_table = value.offset_table().unwrap_or_default();
+    let frame = frame_0(fragments, offset_table, m.frames);
+    if frame.is_empty() {
         return Err(ImageError::corrupt(
             "DICOM",
-            "JPEG 2000 codestream ends inside its SIZ header",
+            "encapsulated Pixel Data has no data for frame 0",
         ));
-    };
-    let width = x.saturating_sub(x0);
-    let height = y.saturating_sub(y0);
-    if width != m.columns || height != m.rows {
+    }
+    let corrupt = |detail: String| ImageError::corrupt("DICOM", detail);
+    match frame_header::sniff(&frame) {
+        Some(FrameKind::Jpeg) => {
+            let header = frame_header::jpeg(&frame).map_err(corrupt)?;
+            agree(m, limits, "JPEG frame header (SOF)", header)
+        }
+        Some(FrameKind::J2k) => {
+            let header = frame_header::j2k(&frame).map_err(corrupt)?;
+            agree(m, limits, "JPEG 2000 codestream (SIZ)", header)
+        }
+        Some(FrameKind::Jp2) => {
+            let header = frame_header::jp2(&frame).map_err(corrupt)?;
+            agree(m, limits, "JP2 image header (ihdr)", header.image)?;
+            agree(m, limits, "JP2 codestream (SIZ)", header.codestream)
+        }
+        None => Ok(()),
+    }
+}
+
+/// Frame 0's bytes, gathered from the fragments as the codec adapters of
+/// dicom-transfer-syntax-registry gather them: the first fragment when there is one
+/// fragment or one per frame, else the fragments from the first Basic Offset Table entry
+/// (or the start) up to the second.
+fn frame_0<'a>(fragments: &'a [Vec<u8>], offset_table: &[u32], frames: u32) -> Cow<'a, [u8]> {
+    if fragments.len() == 1 || fragments.len() == frames as usize {
+        return fragments
+            .first()
+            .map_or(Cow::Borrowed(&[][..]), |f| Cow::Borrowed(f.as_slice()));
+    }
+    let start = offset_table.first().map_or(0, |&o| o as usize);
+    let next = offset_table.get(1).map(|&o| o as usize);
+    let mut offset = 0usize;
+    let mut out = Vec::new();
+    for fragment in fragments {
+        if offset >= start {
+            out.extend_from_slice(fragment);
+        }
+        offset = offset.saturating_add(fragment.len()).saturating_add(8);
+        if next.is_some_and(|next| offset >= next) {
+            break;
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `header` (what the compressed frame declares) within the limits and equal to
+/// Columns, Rows and Samples per Pixel.
+fn agree(
+    m: &PixelModule,
+    limits: &Limits,
+    what: &str,
+    header: FrameHeader,
+) -> Result<(), ImageError> {
+    limits.check_dimensions(header.width, header.height)?;
+    let spp = u32::from(m.samples_per_pixel);
+    if (header.width, header.height, header.components) != (m.columns, m.rows, spp) {
         return Err(ImageError::corrupt(
             "DICOM",
             format!(
-                "JPEG 2000 codestream is {width}x{height} but Columns/Rows say {}x{}",
-                m.columns, m.rows
+                "{what} is {}x{} with {} components but Columns/Rows/SamplesPerPixel say \
+                 {}x{} with {spp}",
+                header.width, header.height, header.components, m.columns, m.rows
             ),
         ));
     }
@@ -462,7 +522,7 @@ pub(crate) fn decode(data: &[u8], limits: &Limits) -> Result<DecodedImage, Image
             )));
         }
     }
-    let (values, origin) = stored_values(&file, &m)?;
+    let (values, origin) = stored_values(&file, &m, limits)?;
     let rgb = if spp == 1 {
         let grey = render_grey(&file.object, &values, photometric == "MONOCHROME1");
         grey.iter().flat_map(|&v| [v, v, v]).collect()

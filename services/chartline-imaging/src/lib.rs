@@ -11,6 +11,9 @@
 //! the 16-bit cases) and JPEG pixels differ from libjpeg-turbo's by rare single levels.
 //!
 //! DICOM goes through dicom-rs with pure-Rust codecs (JPEG 2000 via `openjp2`, JPEG, RLE).
+//! Before a compressed frame reaches its codec, the size its own header declares (JPEG
+//! SOF, JP2 `ihdr` and the codestream's SIZ, JPEG 2000 SIZ) must be within the [`Limits`]
+//! and equal Columns, Rows and Samples per Pixel.
 //! Frame 0 is rendered as follows:
 //! * greyscale (MONOCHROME1/2): stored values, then the Modality LUT (Rescale Slope and
 //!   Intercept), then VOI — the first Window Center/Width with the VOI LUT Function
@@ -35,6 +38,7 @@ mod decode;
 mod dicom;
 mod dicom_guard;
 mod error;
+mod frame_header;
 mod preprocess;
 mod raster;
 mod resample;
