@@ -287,6 +287,21 @@ async fn a_multimodal_model_sees_the_charts_images_and_replay_reproduces(pool: P
     let r = audit.replay(ReplayRequest { output_id: s.output_id.clone() }).await.expect("replay").into_inner();
     assert!(r.matches, "replay with the same images reproduces the output");
 
+    // A newer chart image the model cannot read (a corrupt PNG) does not block the
+    // patient's summary: it is made from the text, and the record holds no images.
+    let mut corrupt = b"\x89PNG\r\n\x1a\n".to_vec();
+    corrupt.extend_from_slice(&[0x42; 64]);
+    let corrupt64 = base64(&pool, &corrupt).await;
+    let doc = json!({"resourceType": "DocumentReference", "status": "current",
+                     "subject": {"reference": format!("Patient/{patient}")}, "date": "2024-06-01T10:00:00Z",
+                     "type": {"text": "Chest X-ray"},
+                     "content": [{"attachment": {"contentType": "image/png", "title": "CXR AP", "data": corrupt64}}]});
+    let (status, created) = server.post("/DocumentReference", serde_json::to_vec(&doc).expect("json")).await;
+    assert_eq!(status, 201, "{created}");
+    let s3 = summarize(&server, &patient).await;
+    let params3: Value = serde_json::from_str(&s3.provenance.expect("provenance").parameters_json).expect("parameters");
+    assert!(params3.get("images").is_none(), "summarized without the unreadable images");
+
     // With max_images 0 the same model gets no images and the record has none.
     let server2 = tests::start_server_serving(pool.clone(), SummaryConfig { max_images: 0, ..config }, None, fixtures.join("tiny-medgemma")).await;
     let s2 = summarize(&server2, &patient).await;

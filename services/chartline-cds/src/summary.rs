@@ -116,7 +116,8 @@ pub async fn fetch_images(timeline: &mut TimelineServiceClient<Channel>, images:
             .get_attachment(GetAttachmentRequest { source: Some(source), attachment_index: img.attachment_index })
             .await?
             .into_inner();
-        if a.sha256 != img.sha256 {
+        // The bytes received, not the server's word for them.
+        if hex::encode(Sha256::digest(&a.data)) != img.sha256 {
             return Err(tonic::Status::failed_precondition(format!(
                 "image {}/{} attachment {} changed since the prompt was built",
                 img.resource_type, img.id, img.attachment_index
@@ -290,22 +291,23 @@ impl Summarizer {
         // wrapper (the timeline's default when the model does not say).
         let info = self.inference.clone().model_info(ModelInfoRequest {}).await?.into_inner();
         let max_images = if info.accepts_images { self.config.max_images } else { 0 };
+        // Soft tokens plus `<start_of_image>`, `<end_of_image>` and the two blank-line
+        // tokens around them (Gemma 3's expansion).
         let image_tokens = if info.tokens_per_image > 0 { info.tokens_per_image + 4 } else { 0 };
-        let prompt = self
-            .timeline
-            .clone()
-            .build_prompt(BuildPromptRequest {
+        let build = |max_images: u32| {
+            let mut timeline = self.timeline.clone();
+            let request = BuildPromptRequest {
                 patient_id: patient_id.to_owned(),
                 task: TASK.to_owned(),
                 token_budget: self.config.token_budget,
                 as_of: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: 0 }),
                 max_images,
                 image_tokens,
-            })
-            .await?
-            .into_inner();
-        let used_images: Vec<UsedImage> = prompt.images.iter().map(UsedImage::of).collect();
-        let images = fetch_images(&mut self.timeline.clone(), &used_images).await?;
+            };
+            async move { timeline.build_prompt(request).await.map(tonic::Response::into_inner) }
+        };
+        let mut prompt = build(max_images).await?;
+        let mut used_images: Vec<UsedImage> = prompt.images.iter().map(UsedImage::of).collect();
 
         // The structured sections shown beside the narrative are not cut to the model's
         // budget: a clinician sees every active problem, medication and allergy.
@@ -322,9 +324,27 @@ impl Summarizer {
             .await?
             .into_inner();
         let params = summary_parameters(&self.config);
-        let started_at = Utc::now();
-        let clock = Instant::now();
-        let (narrative, finish_reason, model) = generate(&mut self.inference.clone(), &prompt.prompt, params.clone(), images).await?;
+        let mut started_at = Utc::now();
+        let mut clock = Instant::now();
+        let mut generated = match fetch_images(&mut self.timeline.clone(), &used_images).await {
+            Ok(images) => generate(&mut self.inference.clone(), &prompt.prompt, params.clone(), images).await,
+            Err(e) => Err(e),
+        };
+        // A chart image the model cannot read (a corrupt file, an unsupported DICOM transfer
+        // syntax) or that vanished must not block the patient's summaries: summarize the text
+        // without images and say so in the log (ids and counts only).
+        if let Err(e) = &generated
+            && !used_images.is_empty()
+            && matches!(e.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition | tonic::Code::ResourceExhausted)
+        {
+            tracing::warn!(code = ?e.code(), images = used_images.len(), "chart images refused; summarizing without images");
+            prompt = build(0).await?;
+            used_images.clear();
+            started_at = Utc::now();
+            clock = Instant::now();
+            generated = generate(&mut self.inference.clone(), &prompt.prompt, params.clone(), Vec::new()).await;
+        }
+        let (narrative, finish_reason, model) = generated?;
         let latency_ms = clock.elapsed().as_millis() as i64;
         let finished_at = Utc::now();
 

@@ -106,7 +106,8 @@ pub struct ImageInput {
     pub data: Vec<u8>,
     /// `image/png`, `image/jpeg` or `application/dicom`; `None` detects from the bytes.
     pub content_type: Option<String>,
-    /// Where it came from (e.g. `DocumentReference/abc`), for logs and errors only.
+    /// Where it came from (e.g. `DocumentReference/abc`): an id, named in errors about
+    /// the image.
     pub source: Option<String>,
 }
 

@@ -124,12 +124,51 @@ pub fn run_vision_bench(runs: usize, dtype: SafetensorsDtype) -> Result<VisionBe
     Ok(result)
 }
 
+/// Random quantized blocks of `kind` (Q4_K or Q8_0) for a (rows, cols) matrix, built
+/// directly as bytes: quantizing random floats with candle's k-quant search takes many
+/// minutes for 4B weights, and the timing does not depend on the values. Every block's
+/// f16 scales are a small normal number (0x1419 ≈ 0.001), the rest random bytes.
+fn random_blocks(rows: usize, cols: usize, kind: GgmlDType, seed: &mut u64) -> Result<QTensor> {
+    let (block_values, block_bytes, scale_bytes) = match kind {
+        GgmlDType::Q4K => (256, 144, 4),
+        GgmlDType::Q8_0 => (32, 34, 2),
+        other => {
+            return Err(crate::Error::Internal(format!(
+                "no random blocks for {other:?}"
+            )));
+        }
+    };
+    let blocks = rows * cols / block_values;
+    let mut data = vec![0u8; blocks * block_bytes];
+    for block in data.chunks_exact_mut(block_bytes) {
+        for pair in block[..scale_bytes].chunks_exact_mut(2) {
+            pair.copy_from_slice(&0x1419u16.to_le_bytes());
+        }
+        for b in &mut block[scale_bytes..] {
+            // xorshift64
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *b = (*seed >> 32) as u8;
+        }
+    }
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+        kind,
+        &data,
+        vec![rows, cols],
+        &Device::Cpu,
+    )?)
+}
+
 /// A Gemma 3 text model of `cfg`'s shapes with random Q4_K matrices and a Q8_0 embedding.
 fn random_q4k_text_model(cfg: Gemma3Config, context: usize) -> Result<Gemma3> {
     let device = Device::Cpu;
+    let seed = std::cell::Cell::new(0x9E37_79B9_7F4A_7C15u64);
     let q = |rows: usize, cols: usize, kind: GgmlDType| -> Result<QTensor> {
-        let t = Tensor::randn(0f32, 0.02, (rows, cols), &device)?;
-        Ok(QTensor::quantize(&t, kind)?)
+        let mut s = seed.get();
+        let t = random_blocks(rows, cols, kind, &mut s)?;
+        seed.set(s);
+        Ok(t)
     };
     let (h, nh, nkv, hd, f) = (
         cfg.hidden_size,

@@ -91,7 +91,32 @@ impl<M: CausalLm> Backend for LocalBackend<M> {
         sink: &mut dyn TokenSink,
     ) -> Result<Completion> {
         let params = &request.params;
+        if let Some(support) = self.model.image_support() {
+            // Soft tokens come only from expanding placeholders; a prompt spelling them
+            // would shift every image's span.
+            if let Some(t) = support
+                .reserved
+                .iter()
+                .find(|t| request.prompt.contains(t.as_str()))
+            {
+                return Err(Error::invalid(
+                    "prompt",
+                    format!("must not contain the reserved image token {t}"),
+                ));
+            }
+        }
         let prompt_ids = if request.images.is_empty() {
+            if let Some(support) = self.model.image_support()
+                && request.prompt.contains(support.placeholder.as_str())
+            {
+                return Err(Error::invalid(
+                    "images",
+                    format!(
+                        "the prompt has {} placeholders but no images were sent",
+                        support.placeholder
+                    ),
+                ));
+            }
             self.tokenizer.encode(&request.prompt, true)?
         } else {
             let support = self.model.image_support().ok_or_else(|| {

@@ -11,6 +11,10 @@ use chartline_imaging::{Limits, Preprocessor, decode};
 use crate::backend::ImageInput;
 use crate::error::{Error, Result};
 
+/// Most pixels one image may decode to (50 megapixels: a 7000×7000 radiograph). Images are
+/// decoded on the model's thread, so this bounds the time and memory one image can take.
+pub const MAX_IMAGE_PIXELS: u64 = 50_000_000;
+
 /// A model's image preprocessing with the decoding limits.
 pub(crate) struct ImagePreprocessor {
     preprocessor: Preprocessor,
@@ -27,7 +31,10 @@ impl ImagePreprocessor {
             .map_err(|e| Error::InvalidModel(format!("{}: {e}", path.display())))?;
         Ok(ImagePreprocessor {
             preprocessor,
-            limits: Limits::default(),
+            limits: Limits {
+                max_pixels: MAX_IMAGE_PIXELS,
+                ..Limits::default()
+            },
         })
     }
 
@@ -46,7 +53,14 @@ impl ImagePreprocessor {
         device: &Device,
     ) -> Result<Tensor> {
         let decoded = decode(&image.data, image.content_type.as_deref(), &self.limits)
-            .map_err(|e| Error::invalid(format!("images[{index}]"), e.to_string()))?;
+            .map_err(|e| {
+                // The source is an id such as DocumentReference/abc: safe to name.
+                let reason = match &image.source {
+                    Some(src) => format!("({src}) {e}"),
+                    None => e.to_string(),
+                };
+                Error::invalid(format!("images[{index}]"), reason)
+            })?;
         let (h, w) = self.size();
         let values = self.preprocessor.preprocess(&decoded);
         tracing::debug!(

@@ -17,9 +17,11 @@
 //! `nn.MultiheadAttention`, then layer norm and an MLP with a residual); Gemma 3 reads the
 //! post-layer-norm patch states instead.
 //!
-//! Text: token plus position embeddings, the same encoder without a mask (inputs are padded
-//! to `max_position_embeddings`, as SigLIP was trained), `final_layer_norm`, the last
-//! position's state, and the `head` projection.
+//! Text: token plus position embeddings (inputs padded to `max_position_embeddings`), the
+//! same encoder, `final_layer_norm`, the last position's state, and the `head` projection.
+//! SigLIP was trained attending to the padding; `transformers` hides padded keys when its
+//! processor returns an attention mask (its fast tokenizer does), and Chartline follows
+//! `transformers` (both variants are checked against it in the tests).
 //!
 //! Weights are stored in the checkpoint's float type choice ([`SafetensorsDtype`]); biases,
 //! norms and every activation are f32, and a bf16 matrix multiplies a bf16 copy of its

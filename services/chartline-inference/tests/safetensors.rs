@@ -157,7 +157,7 @@ enum Layout {
     /// `Gemma3ForCausalLM`: `model.…`, keys at the top of `config.json`.
     Text,
     /// `Gemma3ForConditionalGeneration`: `language_model.model.…`, keys under `text_config`,
-    /// plus vision tensors that must be ignored.
+    /// plus a partial vision tower that the language-model tests skip (`text_only`).
     Multimodal,
 }
 
@@ -445,9 +445,12 @@ fn write_checkpoint(tag: &str, layout: Layout, weights: &Weights, variant: &Vari
     checkpoint
 }
 
+/// These checkpoints test the language model: a multimodal layout's (partial) vision tower
+/// is skipped (`text_only`); the vision side has its own tests against `transformers`.
 fn options(dtype: SafetensorsDtype) -> SafetensorsOptions {
     SafetensorsOptions {
         dtype,
+        text_only: true,
         ..Default::default()
     }
 }
@@ -970,4 +973,25 @@ fn a_missing_folder_or_tokenizer_is_not_found() {
         .expect("no tokenizer, no model");
     assert_eq!(err.category(), chartline_inference::ErrorCategory::NotFound);
     assert!(err.to_string().contains("tokenizer.json"), "{err}");
+}
+
+#[test]
+fn a_partial_vision_tower_is_refused_by_name_unless_text_only() {
+    let weights = tiny_weights();
+    let checkpoint = write_checkpoint(
+        "partial-vision",
+        Layout::Multimodal,
+        &weights,
+        &Variant::default(),
+    );
+    let full = SafetensorsOptions {
+        dtype: SafetensorsDtype::F32,
+        ..Default::default()
+    };
+    let err = match load_safetensors(&checkpoint.dir, &full) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a checkpoint with half a vision tower must not load whole"),
+    };
+    assert!(err.contains("vision_config."), "names the missing key: {err}");
+    assert!(load_safetensors(&checkpoint.dir, &options(SafetensorsDtype::F32)).is_ok());
 }

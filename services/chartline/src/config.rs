@@ -136,8 +136,8 @@ pub struct ServeArgs {
     #[arg(long, env = "CHARTLINE_IMAGE_MODEL")]
     pub image_model: Option<PathBuf>,
     /// Images from the chart attached to a summary prompt when the model takes images
-    /// (a multimodal checkpoint); 0 sends none.
-    #[arg(long, env = "CHARTLINE_SUMMARY_MAX_IMAGES", default_value_t = 1)]
+    /// (a multimodal checkpoint); 0 sends none, at most 16 (what Generate takes).
+    #[arg(long, env = "CHARTLINE_SUMMARY_MAX_IMAGES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=16))]
     pub summary_max_images: u32,
     /// Summary workers in this process (0 to run none).
     #[arg(long, env = "CHARTLINE_SUMMARY_WORKERS", default_value_t = 1)]

@@ -39,6 +39,9 @@ pub struct ImageSupport {
     pub expansion: String,
     /// Id of the soft token (`<image_soft_token>`).
     pub image_token_id: u32,
+    /// The soft token's and the end-of-image token's text: a prompt must not spell them
+    /// (only expansions of the placeholder may hold them).
+    pub reserved: Vec<String>,
     /// Soft tokens per image (256 for MedGemma).
     pub tokens_per_image: usize,
     /// Side of the square image the tower takes (896 for MedGemma).

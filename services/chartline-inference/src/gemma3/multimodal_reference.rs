@@ -297,7 +297,7 @@ fn without_the_image_block_the_logits_differ() {
 
 #[test]
 fn chunked_prefill_from_png_bytes_and_cached_greedy_steps_match() {
-    // Prefill chunks of 100 tokens: the image (positions 14..270) forces a chunk to
+    // Prefill chunks of 100 tokens: the image (positions 13..269) forces a chunk to
     // stretch so it is never split.
     let mut backend = load(100);
     let r = reference();

@@ -456,6 +456,7 @@ fn load_vision(
     let (image_token_id, image_token) = token("image_token_index", 262_144)?;
     let (_, boi) = token("boi_token_index", 255_999)?;
     let (_, eoi) = token("eoi_token_index", 256_000)?;
+    let reserved = vec![image_token.clone(), eoi.clone()];
 
     let preprocessor = ImagePreprocessor::from_file(&dir.join("preprocessor_config.json"))?;
     if preprocessor.size() != (cfg.image_size, cfg.image_size) {
@@ -494,6 +495,7 @@ fn load_vision(
             placeholder: boi,
             expansion,
             image_token_id,
+            reserved,
             tokens_per_image,
             image_size: cfg.image_size,
         },
@@ -523,6 +525,7 @@ pub(crate) fn sha256_of_files(files: &[PathBuf]) -> Result<String> {
     sha256_concatenated(files, &AtomicBool::new(false))
 }
 
+/// Streams `files` in order through one sha256; gives up (with an error) once `stop` is set.
 fn sha256_concatenated(files: &[PathBuf], stop: &AtomicBool) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
