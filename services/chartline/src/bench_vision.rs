@@ -27,7 +27,7 @@ pub async fn run(args: BenchVisionArgs) -> anyhow::Result<ExitCode> {
     .await
     .context("benchmark thread")??;
     let (tower, proj, prefill) = (median(&r.tower_ms), median(&r.projector_ms), median(&r.prefill_ms));
-    println!("setup (random weights, Q4_K quantization): {:.1} s", r.setup_s);
+    println!("setup (random weights and random Q4_K blocks): {:.1} s", r.setup_s);
     println!("CANDLE_NUM_THREADS={threads}, tower weights {}, runs {runs}", args.dtype);
     println!();
     println!("| step (one 896x896 image, MedGemma 4B shapes) | median ms | runs (ms) |");
