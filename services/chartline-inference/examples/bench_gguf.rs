@@ -2,7 +2,7 @@
 //! and decode (128 tokens), and MiniLM embeddings at batch 32.
 //!
 //! ```text
-//! cargo run --release -p chartline-inference --example bench_gguf [-- --no-requant]
+//! cargo run --release -p chartline-inference --example bench_gguf [-- --no-requant] [--candle-kernels]
 //! ```
 //!
 //! candle sizes its CPU worker pool from `CANDLE_NUM_THREADS` (default: physical cores); run
@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
     let requantize_q5_0 = !std::env::args().any(|a| a == "--no-requant");
+    let own_kernels = !std::env::args().any(|a| a == "--candle-kernels");
     println!(
         "threads: {} (CANDLE_NUM_THREADS / physical cores)",
         candle_threads()
@@ -28,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let options = GgufOptions {
         context_length: Some(2048),
         requantize_q5_0,
+        own_kernels,
         ..Default::default()
     };
     let mut backend = load_gguf(
@@ -35,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &options,
     )?;
     println!(
-        "gemma load: {:.2} s (Q5_0 -> Q8_0: {requantize_q5_0}), RSS {} MiB",
+        "gemma load: {:.2} s (Q5_0 -> Q8_0: {requantize_q5_0}, own Q8_0 kernels: {own_kernels}), RSS {} MiB",
         started.elapsed().as_secs_f64(),
         rss_mib("VmRSS")
     );

@@ -177,8 +177,8 @@ fn random_q4k_text_model(cfg: Gemma3Config, context: usize) -> Result<Gemma3> {
         cfg.head_dim,
         cfg.ffn_dim,
     );
-    let mm = |rows: usize, cols: usize| -> Result<QMatMul> {
-        Ok(QMatMul::from_qtensor(q(rows, cols, GgmlDType::Q4K)?)?)
+    let mm = |rows: usize, cols: usize| -> Result<crate::gemma3::BenchWeight> {
+        Ok(QMatMul::from_qtensor(q(rows, cols, GgmlDType::Q4K)?)?.into())
     };
     let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, DType::F32, &device)?) };
     let embed = Arc::new(q(cfg.vocab_size, h, GgmlDType::Q8_0)?);

@@ -19,6 +19,7 @@ mod config;
 mod kv_cache;
 mod model;
 mod multimodal;
+mod kernels;
 #[cfg(test)]
 mod multimodal_reference;
 mod safetensors;
@@ -33,7 +34,7 @@ use candle_core::{DType, Device};
 
 pub use config::Gemma3Config;
 pub use model::Gemma3;
-pub(crate) use model::Layer as BenchLayer;
+pub(crate) use model::{Layer as BenchLayer, Weight as BenchWeight};
 pub use multimodal::ImageSupport;
 pub(crate) use safetensors::{Checkpoint, Keys, sha256_of_files, siglip_vision_config};
 pub use safetensors::{SafetensorsBackend, SafetensorsDtype, SafetensorsOptions, load_safetensors};
@@ -58,6 +59,11 @@ pub struct GgufOptions {
     pub prefill_chunk: usize,
     /// Rewrite Q5_0 tensors as (equivalent) Q8_0 for speed. See the module docs.
     pub requantize_q5_0: bool,
+    /// Multiply Q8_0 and Q5_0 matrices with Chartline's own CPU kernels (x86-64 with
+    /// AVX2/FMA/F16C; see `kernels`) instead of candle's; they hold Q5_0 both as stored (for
+    /// decoding) and widened to Q8_0 (for prefill), whatever `requantize_q5_0` says. Other
+    /// types, other CPUs and CUDA always use candle's.
+    pub own_kernels: bool,
     /// Keep every weight matrix as dequantized f32 instead of quantized blocks: about 4x the
     /// memory and slower, but free of the activation quantization of the quantized kernels.
     /// For verification (comparing code paths exactly) and debugging, not for serving.
@@ -76,6 +82,7 @@ impl Default for GgufOptions {
             context_length: None,
             prefill_chunk: 512,
             requantize_q5_0: true,
+            own_kernels: true,
             dequantize_weights: false,
             query_pre_attn_scalar: None,
             cuda_device: None,
@@ -187,7 +194,17 @@ fn load_gguf_file(
         });
     }
     let final_norm = loader.vector("output_norm.weight")?;
-    let lm_head = loader.wrap(embed.clone())?;
+    // The tied embedding serves lookups and the output projection from one copy.
+    let (embed, lm_head): (model::Embedding, model::Weight) = match loader.repack(&embed)? {
+        Some(m) => {
+            let m = Arc::new(m);
+            (model::Embedding::Q8(m.clone()), model::Weight::Q8(m))
+        }
+        None => {
+            let lm_head = loader.wrap(embed.clone())?;
+            (embed.into(), lm_head.into())
+        }
+    };
     let model = Gemma3::new(
         cfg,
         embed,
@@ -261,9 +278,37 @@ impl Loader<'_> {
         Ok(info.read(self.file, self.content.tensor_data_offset, self.device)?)
     }
 
-    fn matmul(&mut self, name: &str) -> Result<QMatMul> {
+    fn matmul(&mut self, name: &str) -> Result<model::Weight> {
+        if self.kernels_apply()
+            && let Some(info) = self.content.tensor_infos.get(name)
+            && info.ggml_dtype == GgmlDType::Q5_0
+        {
+            // Q5_0 goes to Chartline's kernels in both forms (5-bit for decoding, widened
+            // to Q8_0 for prefill); candle's path gets the Q8_0 rewrite below.
+            let raw = info.read(self.file, self.content.tensor_data_offset, &Device::Cpu)?;
+            let (n, k) = raw.shape().dims2()?;
+            if let Some(m) = kernels::Q8Matrix::from_q5_0(&raw.data()?, n, k)? {
+                return Ok(model::Weight::Q8(Arc::new(m)));
+            }
+        }
         let t = self.qtensor(name)?;
-        self.wrap(Arc::new(t))
+        if let Some(m) = self.repack(&t)? {
+            return Ok(model::Weight::Q8(Arc::new(m)));
+        }
+        Ok(self.wrap(Arc::new(t))?.into())
+    }
+
+    /// The tensor repacked for Chartline's Q8_0 kernels, when they apply to it here.
+    fn repack(&self, t: &QTensor) -> Result<Option<kernels::Q8Matrix>> {
+        if !self.kernels_apply() {
+            return Ok(None);
+        }
+        Ok(kernels::Q8Matrix::from_qtensor(t)?)
+    }
+
+    /// Whether Chartline's own kernels may take this model's matrices.
+    fn kernels_apply(&self) -> bool {
+        self.options.own_kernels && !self.options.dequantize_weights && self.device.is_cpu()
     }
 
     fn wrap(&self, t: Arc<QTensor>) -> Result<QMatMul> {

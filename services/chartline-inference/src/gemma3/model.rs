@@ -24,9 +24,10 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{D, DType, Device, Module, Result, Storage, Tensor};
 
 use super::config::Gemma3Config;
+use super::kernels::{self, Q8Input, Q8Matrix};
 use super::kv_cache::KvCache;
 
 /// cos/sin tables (max_positions, head_dim / 2) for one RoPE base and scale.
@@ -77,6 +78,9 @@ impl Rope {
 pub(crate) enum Embedding {
     /// (vocab, hidden) quantized blocks (GGUF): looked-up rows are dequantized to f32.
     Quantized(Arc<QTensor>),
+    /// (vocab, hidden) Q8_0 blocks repacked for Chartline's kernels, shared with the tied
+    /// output projection: rows are dequantized exactly as candle does.
+    Q8(Arc<Q8Matrix>),
     /// (vocab, hidden) plain f32 or bf16 tensor (safetensors): looked-up rows become f32.
     Dense(Tensor),
 }
@@ -92,37 +96,95 @@ impl Embedding {
     fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
             Embedding::Quantized(q) => q.embedding(ids),
+            Embedding::Q8(m) => {
+                let rows = m.rows(&ids.to_vec1::<u32>()?)?;
+                Tensor::from_vec(rows, (ids.elem_count(), m.dims().1), ids.device())
+            }
             Embedding::Dense(w) => w.index_select(ids, 0)?.to_dtype(DType::F32),
         }
     }
 }
 
-/// `x @ wᵀ`. A dense weight stored in another float type than the (f32) activations, i.e.
-/// bf16, multiplies a copy of `x` in its own type and the product is converted back; every
-/// other weight (quantized, or dense of the activations' type) is applied as is.
-fn project(m: &QMatMul, x: &Tensor) -> Result<Tensor> {
-    match m {
-        QMatMul::Tensor(w) if w.dtype() != x.dtype() => {
-            m.forward(&x.to_dtype(w.dtype())?)?.to_dtype(x.dtype())
-        }
-        _ => m.forward(x),
+/// A weight matrix (out × in): candle's (quantized or dense) or Q8_0 repacked for
+/// Chartline's own CPU kernels (see `kernels`).
+pub(crate) enum Weight {
+    Candle(QMatMul),
+    Q8(Arc<Q8Matrix>),
+}
+
+impl From<QMatMul> for Weight {
+    fn from(m: QMatMul) -> Self {
+        Weight::Candle(m)
     }
 }
 
+/// An activation tensor (.., in) with its Q8_0 quantization made at most once, so the
+/// projections that read the same input (query/key/value, gate/up) share it.
+struct Input<'a> {
+    x: &'a Tensor,
+    q8: std::cell::OnceCell<Q8Input>,
+}
+
+impl<'a> Input<'a> {
+    fn new(x: &'a Tensor) -> Self {
+        Input {
+            x,
+            q8: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// `x @ wᵀ`. A dense weight stored in another float type than the (f32) activations,
+    /// i.e. bf16, multiplies a copy of `x` in its own type and the product is converted
+    /// back; every other candle weight (quantized, or dense of the activations' type) is
+    /// applied as is; a Q8_0 matrix multiplies the shared quantized input.
+    fn project(&self, w: &Weight) -> Result<Tensor> {
+        match w {
+            Weight::Candle(m @ QMatMul::Tensor(t)) if t.dtype() != self.x.dtype() => {
+                m.forward(&self.x.to_dtype(t.dtype())?)?.to_dtype(self.x.dtype())
+            }
+            Weight::Candle(m) => m.forward(self.x),
+            Weight::Q8(m) => {
+                let (n, k) = m.dims();
+                let q = match self.q8.get() {
+                    Some(q) => q,
+                    None => {
+                        let rows = self.x.elem_count() / k;
+                        let data = self.x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        let q = Q8Input::quantize(&data, rows, k)?;
+                        self.q8.get_or_init(|| q)
+                    }
+                };
+                let mut out = vec![0f32; q.rows() * n];
+                m.matmul(q, &mut out)?;
+                let mut dims = self.x.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = n;
+                }
+                Tensor::from_vec(out, dims, self.x.device())
+            }
+        }
+    }
+}
+
+/// `x @ wᵀ` for one weight (see [`Input::project`]).
+fn project(w: &Weight, x: &Tensor) -> Result<Tensor> {
+    Input::new(x).project(w)
+}
+
 pub(crate) struct Layer {
-    pub wq: QMatMul,
-    pub wk: QMatMul,
-    pub wv: QMatMul,
-    pub wo: QMatMul,
+    pub wq: Weight,
+    pub wk: Weight,
+    pub wv: Weight,
+    pub wo: Weight,
     pub q_norm: Tensor,
     pub k_norm: Tensor,
     pub attn_norm: Tensor,
     pub post_attn_norm: Tensor,
     pub ffn_norm: Tensor,
     pub post_ffn_norm: Tensor,
-    pub gate: QMatMul,
-    pub up: QMatMul,
-    pub down: QMatMul,
+    pub gate: Weight,
+    pub up: Weight,
+    pub down: Weight,
 }
 
 /// The Gemma 3 text model with its KV cache: one sequence at a time.
@@ -131,7 +193,7 @@ pub struct Gemma3 {
     /// (vocab, hidden), usually Q8_0 (GGUF) or bf16 (safetensors): rows are converted to f32
     /// for lookups, and the same data is the (tied) output projection.
     embed: Embedding,
-    lm_head: QMatMul,
+    lm_head: Weight,
     layers: Vec<Layer>,
     final_norm: Tensor,
     rope_local: Rope,
@@ -149,7 +211,7 @@ impl Gemma3 {
     pub(crate) fn new(
         cfg: Gemma3Config,
         embed: impl Into<Embedding>,
-        lm_head: QMatMul,
+        lm_head: impl Into<Weight>,
         layers: Vec<Layer>,
         final_norm: Tensor,
         max_positions: usize,
@@ -183,7 +245,7 @@ impl Gemma3 {
         Ok(Gemma3 {
             cfg,
             embed: embed.into(),
-            lm_head,
+            lm_head: lm_head.into(),
             layers,
             final_norm,
             rope_local,
@@ -413,10 +475,11 @@ fn layer_forward(
     let g = cfg.group_size();
 
     let h = candle_nn::ops::rms_norm(x, &w.attn_norm, eps)?;
+    let h = Input::new(&h);
     // (1, L, heads, head_dim)
-    let q = project(&w.wq, &h)?.reshape((1, l, nh, hd))?;
-    let k = project(&w.wk, &h)?.reshape((1, l, nkv, hd))?;
-    let v = project(&w.wv, &h)?.reshape((1, l, nkv, vd))?;
+    let q = h.project(&w.wq)?.reshape((1, l, nh, hd))?;
+    let k = h.project(&w.wk)?.reshape((1, l, nkv, hd))?;
+    let v = h.project(&w.wv)?.reshape((1, l, nkv, vd))?;
     let q = candle_nn::ops::rms_norm(&q, &w.q_norm, eps)?;
     let k = candle_nn::ops::rms_norm(&k, &w.k_norm, eps)?;
     let q = (rope.apply(&q, pos)? * (1.0 / cfg.query_pre_attn_scalar.sqrt()))?;
@@ -436,13 +499,42 @@ fn layer_forward(
     let keys = kv.k.narrow(2, skip, t)?;
     let values = kv.v.narrow(2, skip, t)?;
 
+    let attn = match attend_one(&q, &keys, &values, g)? {
+        Some(attn) => attn,
+        None => attend(&q, &keys, &values, masks, (l, pos, first_visible, window))?,
+    };
+    let attn = project(&w.wo, &attn)?;
+    let h = (x + candle_nn::ops::rms_norm(&attn, &w.post_attn_norm, eps)?)?;
+
+    let f = candle_nn::ops::rms_norm(&h, &w.ffn_norm, eps)?;
+    let f = Input::new(&f);
+    let gate = f.project(&w.gate)?.gelu()?;
+    let up = f.project(&w.up)?;
+    let down = project(&w.down, &(gate * up)?)?;
+    let y = (h + candle_nn::ops::rms_norm(&down, &w.post_ffn_norm, eps)?)?;
+    debug_assert_eq!(y.dim(D::Minus1).ok(), Some(cfg.hidden_size));
+    Ok(y)
+}
+
+/// Attention of queries (1, nh, L, hd) over visible keys (1, nkv, T, hd) and values
+/// (1, nkv, T, vd), masked for the chunk's positions: (1, L, nh·vd).
+fn attend(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    masks: &MaskCache,
+    (l, pos, first_visible, window): (usize, usize, usize, Option<usize>),
+) -> Result<Tensor> {
+    let (_, nh, _, hd) = q.dims4()?;
+    let (_, nkv, t, vd) = values.dims4()?;
+    let g = nh / nkv;
     // Query heads of one KV group are adjacent, so (1, nh, L, hd) reads as
     // (1, nkv, g*L, hd) and each group multiplies its one K/V head directly.
     let q = q.reshape((1, nkv, g * l, hd))?;
     let scores = q.matmul(&keys.t()?)?; // (1, nkv, g*L, T)
     let needs_mask = l > 1 || window.is_some_and(|w| t > w);
     let scores = if needs_mask {
-        let mask = masks.get(l, pos, first_visible, t, window, x.device())?;
+        let mask = masks.get(l, pos, first_visible, t, window, q.device())?;
         scores
             .reshape((1, nkv, g, l, t))?
             .broadcast_add(&mask)?
@@ -456,16 +548,54 @@ fn layer_forward(
         .reshape((1, nh, l, vd))?
         .transpose(1, 2)?
         .reshape((1, l, nh * vd))?;
-    let attn = project(&w.wo, &attn)?;
-    let h = (x + candle_nn::ops::rms_norm(&attn, &w.post_attn_norm, eps)?)?;
+    Ok(attn)
+}
 
-    let f = candle_nn::ops::rms_norm(&h, &w.ffn_norm, eps)?;
-    let gate = project(&w.gate, &f)?.gelu()?;
-    let up = project(&w.up, &f)?;
-    let down = project(&w.down, &(gate * up)?)?;
-    let y = (h + candle_nn::ops::rms_norm(&down, &w.post_ffn_norm, eps)?)?;
-    debug_assert_eq!(y.dim(D::Minus1).ok(), Some(cfg.hidden_size));
-    Ok(y)
+/// Attention of one new token (L = 1) on the CPU with Chartline's f32 kernels: every cached
+/// key is visible to it (the caller drops keys outside the window), so no mask. `None` when
+/// the tensors are not plain CPU f32 with contiguous rows (candle's path then runs).
+fn attend_one(q: &Tensor, keys: &Tensor, values: &Tensor, g: usize) -> Result<Option<Tensor>> {
+    let (_, nh, l, hd) = q.dims4()?;
+    let (_, _, t, vd) = values.dims4()?;
+    if l != 1 || !q.device().is_cpu() || q.dtype() != DType::F32 || t == 0 {
+        return Ok(None);
+    }
+    let q = q.flatten_all()?.to_vec1::<f32>()?;
+    let (key_storage, kl) = keys.storage_and_layout();
+    let (value_storage, vl) = values.storage_and_layout();
+    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*key_storage, &*value_storage) else {
+        return Ok(None);
+    };
+    let (Ok(kdata), Ok(vdata)) = (kc.as_slice::<f32>(), vc.as_slice::<f32>()) else {
+        return Ok(None);
+    };
+    let (ks, vs) = (kl.stride(), vl.stride());
+    if ks.len() != 4 || vs.len() != 4 || ks[3] != 1 || vs[3] != 1 {
+        return Ok(None);
+    }
+    let mut out = vec![0f32; nh * vd];
+    let mut scores = vec![0f32; t];
+    for (h, out) in out.chunks_exact_mut(vd).enumerate() {
+        let qh = &q[h * hd..(h + 1) * hd];
+        let kbase = kl.start_offset() + (h / g) * ks[1];
+        for (j, s) in scores.iter_mut().enumerate() {
+            let at = kbase + j * ks[2];
+            *s = kernels::dot(qh, &kdata[at..at + hd]);
+        }
+        // Softmax as candle's `softmax_last_dim`: shift by the max, exponentiate, normalise.
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let vbase = vl.start_offset() + (h / g) * vs[1];
+        for (j, &p) in scores.iter().enumerate() {
+            let at = vbase + j * vs[2];
+            kernels::axpy(out, p / sum, &vdata[at..at + vd]);
+        }
+    }
+    Ok(Some(Tensor::from_vec(out, (1, 1, nh * vd), &Device::Cpu)?))
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@
 //!
 //! Tensors are read with positioned reads, one at a time, into their final dtype on the
 //! target device: `VarBuilder::from_mmaped_safetensors` would map the files instead, but it
-//! is an `unsafe fn` and this workspace forbids `unsafe`. Memory is therefore the weights in
+//! is an `unsafe fn` and this workspace denies `unsafe` outside its SIMD kernels. Memory is therefore the weights in
 //! the chosen dtype plus one tensor's file bytes in flight; only the tensors the text model
 //! uses are read.
 //!
@@ -263,7 +263,7 @@ fn load_model(
     let mut matrices = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let p = format!("{prefix}layers.{i}.");
-        let m = |t: Tensor| QMatMul::Tensor(t);
+        let m = |t: Tensor| super::model::Weight::from(QMatMul::Tensor(t));
         matrices.push([
             m(load(&format!("{p}self_attn.q_proj.weight"), &[nh * hd, h])?),
             m(load(

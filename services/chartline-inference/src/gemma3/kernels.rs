@@ -1,0 +1,817 @@
+//! Chartline's own CPU kernels (x86-64 with AVX2, FMA and F16C, detected at run time):
+//! Q8_0 weight matrices, and the f32 dot products of one-token attention.
+//!
+//! In the Gemma 3 270M Q4_K_M file, Q8_0 holds the tied 262k × 640 embedding (the output
+//! projection, 178 MB: most of what one decoded token reads) and, after the loader rewrites
+//! Q5_0 as Q8_0, the query, key, gate and up projections of every layer. candle multiplies
+//! those one activation row at a time against four weight rows (its repacked x86 tiles cover
+//! Q4_K and Q6_K, and Q8_0 only with AVX-512/VNNI). These kernels:
+//!
+//! - **repack** the weights once at load: rows are interleaved in groups of four, block by
+//!   block (`[group][block][row]`), 32 quantized values aligned to 32 bytes, with the f16
+//!   scales of the four rows side by side (the same 34 bytes per 32 weights as the file);
+//! - **quantize** each activation row once per matrix (or once for several matrices that
+//!   read the same input, see [`Q8Input`]) to Q8_0 the way llama.cpp's AVX2 path does
+//!   (per 32 values: `d = max|x| / 127` rounded to f16, `q = round_half_even(x · 127 / max|x|)`);
+//! - **multiply** a tile of 4 weight rows × up to 3 activation rows per step, so each weight
+//!   block loaded serves three tokens in prefill and each activation block four rows: per
+//!   pair of 32-value blocks, `maddubs(|w|, sign(x, w))` → `madd` → `cvt` → `fma` with the
+//!   product of the two scales, exactly the integer dot products llama.cpp computes;
+//! - spread row groups over candle's own worker pool (`candle_core::utils::barrier_pool`),
+//!   so they share its threads instead of adding a second pool that would spin against it.
+//!
+//! [`dot`] and [`axpy`] are the f32 loops of attention for one new token (scores against
+//! every cached key, then the weighted sum of values), where candle's general matmul costs
+//! more in set-up than in arithmetic.
+//!
+//! The repacked matrix also serves embedding lookups (rows dequantized exactly as candle
+//! does: `q as f32 * f32(d)`), so the tied embedding is held once.
+//!
+//! This is the workspace's one module allowed `unsafe`: SIMD intrinsics over raw pointers
+//! and one output buffer written by several workers. Every `unsafe` block states why it is
+//! sound; the tests compare the kernels with a plain-Rust reference and with candle.
+#![allow(unsafe_code)]
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+
+/// Values per block.
+pub(crate) const QK: usize = 32;
+/// Weight rows interleaved per group.
+const ROWS: usize = 4;
+/// Activation rows per tile in prefill.
+const TILE_M: usize = 3;
+/// Bytes of one Q8_0 block in a GGUF file: f16 scale, 32 × i8.
+const FILE_BLOCK_BYTES: usize = 34;
+
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Block([i8; QK]);
+
+const ZERO_BLOCK: Block = Block([0; QK]);
+
+/// Whether this CPU runs the kernels (checked once).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A Q8_0 weight matrix (n output rows × k inputs), repacked for the kernels.
+pub(crate) struct Q8Matrix {
+    n: usize,
+    k: usize,
+    nb: usize,
+    /// f16 scales, `[group][block][row of 4]`.
+    scales: Vec<u16>,
+    /// Quantized values, `[group][block][row of 4]`.
+    qs: Vec<Block>,
+    /// For a matrix stored as Q5_0: the same values in their 5-bit form, which one-token
+    /// products read instead (22 bytes per 32 weights instead of 34: decoding is bound by
+    /// memory bandwidth, prefill by arithmetic).
+    q5: Option<Q5Rows>,
+}
+
+/// Q5_0 blocks, `[group][block][row of 4]`: f16 scale, 32 high bits, 16 bytes of nibbles
+/// (value `i` of a block is `(nibble_i | bit_i << 4) - 16`, nibble `i` the low half of byte
+/// `i` for `i < 16` and the high half of byte `i - 16` after).
+struct Q5Rows {
+    scales: Vec<u16>,
+    qh: Vec<u32>,
+    qs: Vec<[u8; 16]>,
+}
+
+/// Bytes of one Q5_0 block in a GGUF file: f16 scale, 4 bytes of high bits, 16 of nibbles.
+const Q5_FILE_BLOCK_BYTES: usize = 22;
+
+impl std::fmt::Debug for Q8Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q8Matrix({} x {})", self.n, self.k)
+    }
+}
+
+impl Q8Matrix {
+    /// Repacks a (n, k) Q8_0 tensor; `None` when the kernels cannot take it (another type,
+    /// n not a multiple of 4, k not a multiple of 32, or a CPU without AVX2/FMA/F16C).
+    pub(crate) fn from_qtensor(t: &QTensor) -> candle_core::Result<Option<Self>> {
+        if t.dtype() != GgmlDType::Q8_0 || !available() {
+            return Ok(None);
+        }
+        let Ok((n, k)) = t.shape().dims2() else {
+            return Ok(None);
+        };
+        if !n.is_multiple_of(ROWS) || !k.is_multiple_of(QK) || k == 0 {
+            return Ok(None);
+        }
+        let data = t.data()?;
+        Self::from_blocks(&data, n, k).map(Some)
+    }
+
+    /// Repacks raw Q8_0 blocks (row-major, 34 bytes each).
+    fn from_blocks(data: &[u8], n: usize, k: usize) -> candle_core::Result<Self> {
+        let nb = k / QK;
+        if data.len() != n * nb * FILE_BLOCK_BYTES {
+            candle_core::bail!(
+                "Q8_0 data of {} bytes does not hold {n} x {k} values",
+                data.len()
+            );
+        }
+        let mut scales = vec![0u16; n * nb];
+        let mut qs = vec![ZERO_BLOCK; n * nb];
+        for row in 0..n {
+            let (g, r) = (row / ROWS, row % ROWS);
+            for b in 0..nb {
+                let src = &data[(row * nb + b) * FILE_BLOCK_BYTES..][..FILE_BLOCK_BYTES];
+                let at = (g * nb + b) * ROWS + r;
+                scales[at] = u16::from_le_bytes([src[0], src[1]]);
+                for (q, &byte) in qs[at].0.iter_mut().zip(&src[2..]) {
+                    *q = byte as i8;
+                }
+            }
+        }
+        Ok(Q8Matrix {
+            n,
+            k,
+            nb,
+            scales,
+            qs,
+            q5: None,
+        })
+    }
+
+    /// Packs a (n, k) matrix of raw Q5_0 blocks (row-major, 22 bytes each) in both forms:
+    /// 5-bit for one-token products, and widened to Q8_0 (the same values) for prefill.
+    /// `None` when the kernels cannot take it.
+    pub(crate) fn from_q5_0(data: &[u8], n: usize, k: usize) -> candle_core::Result<Option<Self>> {
+        if !available() || !n.is_multiple_of(ROWS) || !k.is_multiple_of(QK) || k == 0 {
+            return Ok(None);
+        }
+        let nb = k / QK;
+        if data.len() != n * nb * Q5_FILE_BLOCK_BYTES {
+            candle_core::bail!(
+                "Q5_0 data of {} bytes does not hold {n} x {k} values",
+                data.len()
+            );
+        }
+        let mut scales = vec![0u16; n * nb];
+        let mut qh = vec![0u32; n * nb];
+        let mut q5s = vec![[0u8; 16]; n * nb];
+        let mut qs = vec![ZERO_BLOCK; n * nb];
+        for row in 0..n {
+            let (g, r) = (row / ROWS, row % ROWS);
+            for b in 0..nb {
+                let src = &data[(row * nb + b) * Q5_FILE_BLOCK_BYTES..][..Q5_FILE_BLOCK_BYTES];
+                let at = (g * nb + b) * ROWS + r;
+                scales[at] = u16::from_le_bytes([src[0], src[1]]);
+                let bits = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
+                qh[at] = bits;
+                q5s[at].copy_from_slice(&src[6..]);
+                for (j, &byte) in src[6..].iter().enumerate() {
+                    let lo = (byte & 0x0F) | ((((bits >> j) & 1) as u8) << 4);
+                    let hi = (byte >> 4) | ((((bits >> (j + 16)) & 1) as u8) << 4);
+                    qs[at].0[j] = lo as i8 - 16;
+                    qs[at].0[j + 16] = hi as i8 - 16;
+                }
+            }
+        }
+        let q5 = Some(Q5Rows {
+            scales: scales.clone(),
+            qh,
+            qs: q5s,
+        });
+        Ok(Some(Q8Matrix {
+            n,
+            k,
+            nb,
+            scales,
+            qs,
+            q5,
+        }))
+    }
+
+    /// (rows, inputs).
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Row `i` dequantized into `out` (k values), as candle dequantizes Q8_0.
+    pub(crate) fn row_into(&self, i: usize, out: &mut [f32]) {
+        let (g, r) = (i / ROWS, i % ROWS);
+        for (b, chunk) in out.chunks_exact_mut(QK).enumerate().take(self.nb) {
+            let at = (g * self.nb + b) * ROWS + r;
+            let d = f16::from_bits(self.scales[at]).to_f32();
+            for (o, &q) in chunk.iter_mut().zip(&self.qs[at].0) {
+                *o = f32::from(q) * d;
+            }
+        }
+    }
+
+    /// Rows `ids` dequantized, `ids.len() × k` values (an embedding lookup).
+    pub(crate) fn rows(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let mut out = vec![0f32; ids.len() * self.k];
+        for (&id, chunk) in ids.iter().zip(out.chunks_exact_mut(self.k)) {
+            let id = id as usize;
+            if id >= self.n {
+                candle_core::bail!("token id {id} is outside the {} rows", self.n);
+            }
+            self.row_into(id, chunk);
+        }
+        Ok(out)
+    }
+
+    /// `out (m × n) = x (m × k) · selfᵀ` for an input quantized by [`Q8Input::quantize`].
+    pub(crate) fn matmul(&self, x: &Q8Input, out: &mut [f32]) -> candle_core::Result<()> {
+        if x.k != self.k || out.len() != x.m * self.n {
+            candle_core::bail!(
+                "Q8_0 matmul of ({}, {}) by ({}, {})ᵀ into {} values",
+                x.m,
+                x.k,
+                self.n,
+                self.k,
+                out.len()
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            let out_ptr = SharedOut(out.as_mut_ptr());
+            let (n, nb, m) = (self.n, self.nb, x.m);
+            if let (1, Some(q5)) = (m, &self.q5) {
+                candle_core::utils::barrier_pool().execute_chunked(n / ROWS, |groups| {
+                    let out_ptr = &out_ptr;
+                    for g in groups {
+                        let at = g * nb * ROWS;
+                        // SAFETY: the kernels were detected; the group's `nb * 4` blocks
+                        // are inside the packed arrays, the input holds `nb` blocks, and
+                        // columns `4g .. 4g + 4` of the one output row are this group's.
+                        unsafe {
+                            let sums = avx2::tile_q5(
+                                q5.scales[at..].as_ptr(),
+                                q5.qh[at..].as_ptr(),
+                                q5.qs[at..].as_ptr(),
+                                nb,
+                                x.scales_at(0),
+                                x.blocks_at(0),
+                            );
+                            store(out_ptr.0, n, 0, g * ROWS, &[sums]);
+                        }
+                    }
+                });
+                return Ok(());
+            }
+            candle_core::utils::barrier_pool().execute_chunked(n / ROWS, |groups| {
+                let out_ptr = &out_ptr;
+                for g in groups {
+                    // SAFETY: the kernels were detected; every slice index below is inside
+                    // the matrices (g < n / 4, blocks < nb, rows < m), and each (row,
+                    // column) of `out` is written by exactly one group.
+                    unsafe { self.group(g, x, out_ptr.0, n, nb, m) };
+                }
+            });
+            return Ok(());
+        }
+        self.matmul_reference(x, out);
+        Ok(())
+    }
+
+    /// One group of 4 weight rows against every activation row.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group(&self, g: usize, x: &Q8Input, out: *mut f32, n: usize, nb: usize, m: usize) {
+        let ws = unsafe { self.scales.as_ptr().add(g * nb * ROWS) };
+        let wq = unsafe { self.qs.as_ptr().add(g * nb * ROWS) };
+        let col = g * ROWS;
+        let mut t = 0;
+        while t + TILE_M <= m {
+            let sums = unsafe { avx2::tile::<TILE_M>(ws, wq, nb, x.scales_at(t), x.blocks_at(t)) };
+            unsafe { store(out, n, t, col, &sums) };
+            t += TILE_M;
+        }
+        match m - t {
+            2 => {
+                let sums = unsafe { avx2::tile::<2>(ws, wq, nb, x.scales_at(t), x.blocks_at(t)) };
+                unsafe { store(out, n, t, col, &sums) };
+            }
+            1 => {
+                let sums = unsafe { avx2::tile::<1>(ws, wq, nb, x.scales_at(t), x.blocks_at(t)) };
+                unsafe { store(out, n, t, col, &sums) };
+            }
+            _ => {}
+        }
+    }
+
+    /// The same products in plain Rust (CPUs without the kernels, and the tests' reference).
+    fn matmul_reference(&self, x: &Q8Input, out: &mut [f32]) {
+        for t in 0..x.m {
+            for row in 0..self.n {
+                let (g, r) = (row / ROWS, row % ROWS);
+                let mut sum = 0f32;
+                for b in 0..self.nb {
+                    let at = (g * self.nb + b) * ROWS + r;
+                    let xb = &x.qs[t * x.nb + b].0;
+                    let dot: i32 = self.qs[at]
+                        .0
+                        .iter()
+                        .zip(xb)
+                        .map(|(&w, &v)| i32::from(w) * i32::from(v))
+                        .sum();
+                    sum += dot as f32 * (f16::from_bits(self.scales[at]).to_f32() * x.scales[t * x.nb + b]);
+                }
+                out[t * self.n + row] = sum;
+            }
+        }
+    }
+}
+
+/// Writes a tile's sums: `sums[j][r]` is output row `t + j`, column `col + r`.
+///
+/// # Safety
+/// `out` must hold `(t + R) × n` values and `col + 4 <= n`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn store<const R: usize>(out: *mut f32, n: usize, t: usize, col: usize, sums: &[[f32; ROWS]; R]) {
+    for (j, row) in sums.iter().enumerate() {
+        for (r, &v) in row.iter().enumerate() {
+            unsafe { *out.add((t + j) * n + col + r) = v };
+        }
+    }
+}
+
+/// The output pointer, shared by the pool's workers; each writes disjoint elements.
+struct SharedOut(*mut f32);
+// SAFETY: workers write disjoint elements (one weight-row group each) while the caller
+// waits in `execute_chunked`.
+unsafe impl Sync for SharedOut {}
+unsafe impl Send for SharedOut {}
+
+/// Activation rows quantized to Q8_0 (f32 copies of the f16-rounded scales).
+pub(crate) struct Q8Input {
+    m: usize,
+    k: usize,
+    nb: usize,
+    scales: Vec<f32>,
+    qs: Vec<Block>,
+}
+
+impl Q8Input {
+    /// Quantizes `x` (m rows of k values; k a multiple of 32).
+    pub(crate) fn quantize(x: &[f32], m: usize, k: usize) -> candle_core::Result<Self> {
+        if !k.is_multiple_of(QK) || x.len() != m * k {
+            candle_core::bail!("cannot quantize {} values as {m} rows of {k}", x.len());
+        }
+        let nb = k / QK;
+        let mut scales = vec![0f32; m * nb];
+        let mut qs = vec![ZERO_BLOCK; m * nb];
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            for ((chunk, s), q) in x.chunks_exact(QK).zip(&mut scales).zip(&mut qs) {
+                // SAFETY: the kernels were detected; `chunk` holds 32 values.
+                *s = unsafe { avx2::quantize_block(chunk.as_ptr(), &mut q.0) };
+            }
+            return Ok(Q8Input { m, k, nb, scales, qs });
+        }
+        for ((chunk, s), q) in x.chunks_exact(QK).zip(&mut scales).zip(&mut qs) {
+            *s = quantize_block_reference(chunk, &mut q.0);
+        }
+        Ok(Q8Input { m, k, nb, scales, qs })
+    }
+
+    /// Rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.m
+    }
+
+    fn scales_at(&self, t: usize) -> *const f32 {
+        self.scales[t * self.nb..].as_ptr()
+    }
+
+    fn blocks_at(&self, t: usize) -> *const Block {
+        self.qs[t * self.nb..].as_ptr()
+    }
+}
+
+/// llama.cpp's Q8_0 quantization of one block with round-half-to-even (its AVX2 path);
+/// returns the scale as stored (f16) in f32.
+fn quantize_block_reference(x: &[f32], q: &mut [i8; QK]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (v * id).round_ties_even() as i8;
+    }
+    f16::from_f32(d).to_f32()
+}
+
+/// `Σ a[i]·b[i]` (equal lengths).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the kernels were detected; both slices hold `n` values.
+        return unsafe { avx2::dot(a.as_ptr(), b.as_ptr(), n) };
+    }
+    a[..n].iter().zip(&b[..n]).map(|(x, y)| x * y).sum()
+}
+
+/// `y += a·x` (equal lengths).
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    debug_assert_eq!(y.len(), x.len());
+    let n = y.len().min(x.len());
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the kernels were detected; both slices hold `n` values and do not overlap
+        // (one is borrowed mutably).
+        unsafe { avx2::axpy(y.as_mut_ptr(), a, x.as_ptr(), n) };
+        return;
+    }
+    for (y, x) in y[..n].iter_mut().zip(&x[..n]) {
+        *y += a * x;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Block, QK, ROWS};
+    use std::arch::x86_64::*;
+
+    /// Quantizes 32 values at `x` into `q`; returns the f16-rounded scale.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_block(x: *const f32, q: &mut [i8; QK]) -> f32 {
+        let v = unsafe {
+            [
+                _mm256_loadu_ps(x),
+                _mm256_loadu_ps(x.add(8)),
+                _mm256_loadu_ps(x.add(16)),
+                _mm256_loadu_ps(x.add(24)),
+            ]
+        };
+        let sign = _mm256_set1_ps(-0.0);
+        let mut amax = _mm256_andnot_ps(sign, v[0]);
+        for vi in &v[1..] {
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, *vi));
+        }
+        let m4 = _mm_max_ps(_mm256_extractf128_ps(amax, 1), _mm256_castps256_ps128(amax));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let amax = _mm_cvtss_f32(m4);
+        let d = amax / 127.0;
+        let d16 = _mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(d)));
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let i0 = scale_round(v[0], id);
+        let i1 = scale_round(v[1], id);
+        let i2 = scale_round(v[2], id);
+        let i3 = scale_round(v[3], id);
+        // Packing interleaves 128-bit lanes; the permute puts the values back in order.
+        let p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), p) };
+        _mm_cvtss_f32(d16)
+    }
+
+    /// `round_half_even(x · id)` as i32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn scale_round(x: __m256, id: __m256) -> __m256i {
+        _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, id),
+        ))
+    }
+
+    /// Dot products of 4 weight rows (scales `ws`, blocks `wq`, `[block][row]`) with `R`
+    /// activation rows (scales `xs`, blocks `xq`, `nb` blocks apart): `[row j][weight r]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile<const R: usize>(
+        ws: *const u16,
+        wq: *const Block,
+        nb: usize,
+        xs: *const f32,
+        xq: *const Block,
+    ) -> [[f32; ROWS]; R] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); ROWS]; R];
+        for b in 0..nb {
+            let dw = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(ws.add(b * ROWS).cast()) });
+            let mut d = [[0f32; ROWS]; R];
+            for (j, dj) in d.iter_mut().enumerate() {
+                let dx = unsafe { *xs.add(j * nb + b) };
+                unsafe { _mm_storeu_ps(dj.as_mut_ptr(), _mm_mul_ps(dw, _mm_set1_ps(dx))) };
+            }
+            for r in 0..ROWS {
+                let w = unsafe { _mm256_load_si256(wq.add(b * ROWS + r).cast()) };
+                let aw = _mm256_sign_epi8(w, w);
+                for j in 0..R {
+                    let x = unsafe { _mm256_load_si256(xq.add(j * nb + b).cast()) };
+                    let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+                    acc[j][r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(dot),
+                        _mm256_broadcast_ss(&d[j][r]),
+                        acc[j][r],
+                    );
+                }
+            }
+        }
+        let mut out = [[0f32; ROWS]; R];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            for (v, s) in o.iter_mut().zip(a) {
+                *v = hsum(*s);
+            }
+        }
+        out
+    }
+
+    /// As [`tile`] with one activation row, for Q5_0 weights (scales `ws`, high bits `wh`,
+    /// nibbles `wq`): each block is widened to signed bytes in registers, as llama.cpp's
+    /// AVX2 Q5_0 dot product does, then multiplied exactly as Q8_0.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_q5(
+        ws: *const u16,
+        wh: *const u32,
+        wq: *const [u8; 16],
+        nb: usize,
+        xs: *const f32,
+        xq: *const Block,
+    ) -> [f32; ROWS] {
+        let ones = _mm256_set1_epi16(1);
+        let low = _mm256_set1_epi8(0x0F);
+        let high = _mm256_set1_epi8(0xF0u8 as i8);
+        let spread = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let bit_mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        let all = _mm256_set1_epi64x(-1);
+        let mut acc = [_mm256_setzero_ps(); ROWS];
+        for b in 0..nb {
+            let dw = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(ws.add(b * ROWS).cast()) });
+            let mut d = [0f32; ROWS];
+            let dx = unsafe { *xs.add(b) };
+            unsafe { _mm_storeu_ps(d.as_mut_ptr(), _mm_mul_ps(dw, _mm_set1_ps(dx))) };
+            let x = unsafe { _mm256_load_si256(xq.add(b).cast()) };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let (bits, nibbles) = unsafe {
+                    (
+                        *wh.add(b * ROWS + r) as i32,
+                        _mm_loadu_si128(wq.add(b * ROWS + r).cast()),
+                    )
+                };
+                // Nibbles: low halves are values 0..16, high halves values 16..32.
+                let q = _mm256_and_si256(
+                    _mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles),
+                    low,
+                );
+                // Byte i = 0xFF where bit i is set.
+                let set = _mm256_cmpeq_epi8(
+                    _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread), bit_mask),
+                    all,
+                );
+                // (nibble | bit << 4) - 16 == nibble | (bit ? 0 : 0xF0) as i8.
+                let w = _mm256_or_si256(q, _mm256_andnot_si256(set, high));
+                let aw = _mm256_sign_epi8(w, w);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(&d[r]), *acc);
+            }
+        }
+        let mut out = [0f32; ROWS];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = hsum(*a);
+        }
+        out
+    }
+
+    /// `Σ a[i]·b[i]` over `n` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let (x, y) = unsafe { (_mm256_loadu_ps(a.add(i + 8 * j)), _mm256_loadu_ps(b.add(i + 8 * j))) };
+                *acc = _mm256_fmadd_ps(x, y, *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let (x, y) = unsafe { (_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i))) };
+            acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut sum = hsum(s);
+        while i < n {
+            sum += unsafe { *a.add(i) * *b.add(i) };
+            i += 1;
+        }
+        sum
+    }
+
+    /// `y[i] += a·x[i]` over `n` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn axpy(y: *mut f32, a: f32, x: *const f32, n: usize) {
+        let av = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i + 8 <= n {
+            unsafe {
+                let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(y.add(i)));
+                _mm256_storeu_ps(y.add(i), v);
+            }
+            i += 8;
+        }
+        while i < n {
+            unsafe { *y.add(i) += a * *x.add(i) };
+            i += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QMatMul;
+    use candle_core::{Device, Module, Tensor};
+
+    /// Deterministic values with a spread of magnitudes and signs.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|i| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = ((s >> 33) as f32) / (1u64 << 31) as f32 - 0.5;
+                u * if i % 7 == 0 { 9.0 } else { 1.0 }
+            })
+            .collect()
+    }
+
+    fn q8_tensor(n: usize, k: usize, seed: u64) -> QTensor {
+        let w = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
+        QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()
+    }
+
+    #[test]
+    fn rows_dequantize_exactly_as_candle() {
+        let t = q8_tensor(12, 96, 1);
+        let m = Q8Matrix::from_blocks(&t.data().unwrap(), 12, 96).unwrap();
+        let want: Vec<Vec<f32>> = t.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
+        let ids = [0u32, 5, 11, 3];
+        let got = m.rows(&ids).unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            assert_eq!(&got[i * 96..(i + 1) * 96], want[id as usize].as_slice(), "row {id}");
+        }
+        assert!(m.rows(&[12]).is_err(), "an id past the last row is refused");
+    }
+
+    #[test]
+    fn quantization_matches_the_reference_and_rounds_ties_to_even() {
+        let x = values(64 * 5, 2);
+        let q = Q8Input::quantize(&x, 5, 64).unwrap();
+        for (i, chunk) in x.chunks_exact(QK).enumerate() {
+            let mut want = [0i8; QK];
+            let d = quantize_block_reference(chunk, &mut want);
+            assert_eq!(q.qs[i].0, want, "block {i}");
+            assert_eq!(q.scales[i], d, "scale {i}");
+        }
+        // 127 · 0.5 / 127 lands on 0.5 exactly: ties go to even (0), as llama.cpp's AVX2.
+        let mut tie = vec![0f32; QK];
+        tie[0] = 127.0;
+        tie[1] = 0.5;
+        tie[2] = 1.5;
+        tie[3] = -2.5;
+        let q = Q8Input::quantize(&tie, 1, QK).unwrap();
+        assert_eq!(&q.qs[0].0[..4], &[127, 0, 2, -2]);
+        let zeros = Q8Input::quantize(&[0f32; QK], 1, QK).unwrap();
+        assert_eq!(zeros.qs[0].0, [0; QK]);
+        assert_eq!(zeros.scales[0], 0.0);
+    }
+
+    #[test]
+    fn products_equal_candles_q8_0_matmul_for_every_tile_shape() {
+        let (n, k) = (16, 160);
+        let t = q8_tensor(n, k, 3);
+        let mine = Q8Matrix::from_qtensor(&t).unwrap();
+        let candle = QMatMul::from_qtensor(q8_tensor(n, k, 3)).unwrap();
+        let dense: Vec<Vec<f32>> = t.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
+        for m in [1, 2, 3, 4, 5, 7] {
+            let x = values(m * k, 10 + m as u64);
+            let q = Q8Input::quantize(&x, m, k).unwrap();
+            let mut reference = vec![0f32; m * n];
+            let m8 = Q8Matrix::from_blocks(&t.data().unwrap(), n, k).unwrap();
+            m8.matmul_reference(&q, &mut reference);
+            let theirs: Vec<f32> = candle
+                .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            if let Some(mine) = &mine {
+                let mut got = vec![0f32; m * n];
+                mine.matmul(&q, &mut got).unwrap();
+                for (i, (g, r)) in got.iter().zip(&reference).enumerate() {
+                    assert!((g - r).abs() <= 1e-5 * r.abs().max(1.0), "m {m} #{i}: {g} vs {r}");
+                }
+            }
+            for t_ in 0..m {
+                for row in 0..n {
+                    let i = t_ * n + row;
+                    // candle quantizes activations the same way (ties aside), so the products
+                    // agree closely; both stay near the exact product of the stored weights.
+                    assert!(
+                        (reference[i] - theirs[i]).abs() <= 1e-3 * theirs[i].abs().max(1.0),
+                        "m {m} #{i}: {} vs candle {}",
+                        reference[i],
+                        theirs[i]
+                    );
+                    let xr = &x[t_ * k..(t_ + 1) * k];
+                    let exact: f32 = dense[row].iter().zip(xr).map(|(a, b)| a * b).sum();
+                    // Q8_0 activations: each value is off by at most half its block's step
+                    // (the f16 scale), so the sum is off by at most Σ |w| · step / 2.
+                    let bound: f32 = (0..k)
+                        .map(|c| dense[row][c].abs() * q.scales[t_ * (k / QK) + c / QK] * 0.51)
+                        .sum();
+                    assert!(
+                        (reference[i] - exact).abs() <= bound + 1e-4 * exact.abs(),
+                        "m {m} #{i}: {} vs exact {exact}",
+                        reference[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q5_0_matrices_hold_candles_values_and_one_token_products_equal_the_q8_0_path() {
+        let (n, k) = (12, 128);
+        let w = Tensor::from_vec(values(n * k, 8), (n, k), &Device::Cpu).unwrap();
+        let q5 = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
+        let Some(m) = Q8Matrix::from_q5_0(&q5.data().unwrap(), n, k).unwrap() else {
+            return; // a CPU without the kernels
+        };
+        // The widened Q8_0 form holds exactly candle's Q5_0 values.
+        let want: Vec<Vec<f32>> = q5.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
+        let ids: Vec<u32> = (0..n as u32).collect();
+        let rows = m.rows(&ids).unwrap();
+        for (i, want) in want.iter().enumerate() {
+            assert_eq!(&rows[i * k..(i + 1) * k], want.as_slice(), "row {i}");
+        }
+        // One token reads the 5-bit form; the same integer products give the same sums as
+        // the Q8_0 form (the prefill path, which two tokens take).
+        let x = values(2 * k, 9);
+        let one = Q8Input::quantize(&x[..k], 1, k).unwrap();
+        let two = Q8Input::quantize(&x, 2, k).unwrap();
+        let mut got = vec![0f32; n];
+        m.matmul(&one, &mut got).unwrap();
+        let mut wide = vec![0f32; 2 * n];
+        m.matmul(&two, &mut wide).unwrap();
+        let mut reference = vec![0f32; n];
+        m.matmul_reference(&one, &mut reference);
+        for i in 0..n {
+            assert!((got[i] - wide[i]).abs() <= 1e-5 * wide[i].abs().max(1.0), "#{i}: {} vs {}", got[i], wide[i]);
+            assert!((got[i] - reference[i]).abs() <= 1e-5 * reference[i].abs().max(1.0), "#{i}");
+        }
+    }
+
+    #[test]
+    fn dot_and_axpy_agree_with_plain_loops_at_every_length() {
+        for n in [0, 1, 7, 8, 9, 31, 32, 33, 256, 300] {
+            let a = values(n, 20 + n as u64);
+            let b = values(n, 40 + n as u64);
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+            let got = dot(&a, &b);
+            assert!((f64::from(got) - want).abs() <= 1e-4 * want.abs().max(1.0), "dot n {n}: {got} vs {want}");
+            let mut y = b.clone();
+            axpy(&mut y, 0.75, &a);
+            for i in 0..n {
+                assert!((y[i] - (b[i] + 0.75 * a[i])).abs() <= 1e-6 * (1.0 + y[i].abs()), "axpy n {n} #{i}");
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_the_kernels_cannot_take_are_left_to_candle() {
+        assert!(Q8Matrix::from_qtensor(&q8_tensor(6, 64, 4)).unwrap().is_none(), "6 rows");
+        let w = Tensor::from_vec(values(8 * 256, 5), (8, 256), &Device::Cpu).unwrap();
+        let q4 = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        assert!(Q8Matrix::from_qtensor(&q4).unwrap().is_none(), "Q4_K");
+        let m = Q8Matrix::from_blocks(&q8_tensor(8, 64, 6).data().unwrap(), 8, 64).unwrap();
+        let q = Q8Input::quantize(&values(96, 7), 1, 96).unwrap();
+        assert!(m.matmul(&q, &mut [0.0; 8]).is_err(), "k mismatch");
+    }
+}
