@@ -144,25 +144,36 @@ impl<'a> Input<'a> {
             }
             Weight::Candle(m) => m.forward(self.x),
             Weight::Q8(m) => {
-                let (n, k) = m.dims();
-                let q = match self.q8.get() {
-                    Some(q) => q,
-                    None => {
-                        let rows = self.x.elem_count() / k;
-                        let data = self.x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                        let q = Q8Input::quantize(&data, rows, k)?;
-                        self.q8.get_or_init(|| q)
-                    }
-                };
-                let mut out = vec![0f32; q.rows() * n];
-                m.matmul(q, &mut out)?;
-                let mut dims = self.x.dims().to_vec();
-                if let Some(last) = dims.last_mut() {
-                    *last = n;
-                }
-                Tensor::from_vec(out, dims, self.x.device())
+                let out = self.q8_product(m)?;
+                self.shaped(out, m.dims().0)
             }
         }
+    }
+
+    /// `x @ mᵀ` as rows of `m`'s output width.
+    fn q8_product(&self, m: &Q8Matrix) -> Result<Vec<f32>> {
+        let (n, k) = m.dims();
+        let q = match self.q8.get() {
+            Some(q) => q,
+            None => {
+                let rows = self.x.elem_count() / k;
+                let data = self.x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let q = Q8Input::quantize(&data, rows, k)?;
+                self.q8.get_or_init(|| q)
+            }
+        };
+        let mut out = vec![0f32; q.rows() * n];
+        m.matmul(q, &mut out)?;
+        Ok(out)
+    }
+
+    /// Output rows as a tensor of `x`'s shape with the last dimension `n`.
+    fn shaped(&self, out: Vec<f32>, n: usize) -> Result<Tensor> {
+        let mut dims = self.x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Tensor::from_vec(out, dims, self.x.device())
     }
 }
 
@@ -508,9 +519,15 @@ fn layer_forward(
 
     let f = candle_nn::ops::rms_norm(&h, &w.ffn_norm, eps)?;
     let f = Input::new(&f);
-    let gate = f.project(&w.gate)?.gelu()?;
-    let up = f.project(&w.up)?;
-    let down = project(&w.down, &(gate * up)?)?;
+    let act = match (&w.gate, &w.up) {
+        (Weight::Q8(gate), Weight::Q8(up)) => {
+            let mut g = f.q8_product(gate)?;
+            kernels::gelu_tanh_mul(&mut g, &f.q8_product(up)?);
+            f.shaped(g, gate.dims().0)?
+        }
+        _ => (f.project(&w.gate)?.gelu()? * f.project(&w.up)?)?,
+    };
+    let down = project(&w.down, &act)?;
     let y = (h + candle_nn::ops::rms_norm(&down, &w.post_ffn_norm, eps)?)?;
     debug_assert_eq!(y.dim(D::Minus1).ok(), Some(cfg.hidden_size));
     Ok(y)
