@@ -20,9 +20,10 @@
 //! - spread row groups over candle's own worker pool (`candle_core::utils::barrier_pool`),
 //!   so they share its threads instead of adding a second pool that would spin against it.
 //!
-//! [`dot`] and [`axpy`] are the f32 loops of attention for one new token (scores against
-//! every cached key, then the weighted sum of values), where candle's general matmul costs
-//! more in set-up than in arithmetic.
+//! [`dots`] and [`axpys`] are the f32 loops of attention for one new token (scores against
+//! every cached key, then the weighted sum of values), each key and value row read once for
+//! all the query heads that share it, where candle's general matmul costs more in set-up
+//! than in arithmetic.
 //!
 //! The repacked matrix also serves embedding lookups (rows dequantized exactly as candle
 //! does: `q as f32 * f32(d)`), so the tied embedding is held once.
@@ -324,7 +325,8 @@ impl Q8Matrix {
                         .zip(xb)
                         .map(|(&w, &v)| i32::from(w) * i32::from(v))
                         .sum();
-                    sum += dot as f32 * (f16::from_bits(self.scales[at]).to_f32() * x.scales[t * x.nb + b]);
+                    sum += dot as f32
+                        * (f16::from_bits(self.scales[at]).to_f32() * x.scales[t * x.nb + b]);
                 }
                 out[t * self.n + row] = sum;
             }
@@ -337,7 +339,13 @@ impl Q8Matrix {
 /// # Safety
 /// `out` must hold `(t + R) × n` values and `col + 4 <= n`.
 #[cfg(target_arch = "x86_64")]
-unsafe fn store<const R: usize>(out: *mut f32, n: usize, t: usize, col: usize, sums: &[[f32; ROWS]; R]) {
+unsafe fn store<const R: usize>(
+    out: *mut f32,
+    n: usize,
+    t: usize,
+    col: usize,
+    sums: &[[f32; ROWS]; R],
+) {
     for (j, row) in sums.iter().enumerate() {
         for (r, &v) in row.iter().enumerate() {
             unsafe { *out.add((t + j) * n + col + r) = v };
@@ -376,12 +384,24 @@ impl Q8Input {
                 // SAFETY: the kernels were detected; `chunk` holds 32 values.
                 *s = unsafe { avx2::quantize_block(chunk.as_ptr(), &mut q.0) };
             }
-            return Ok(Q8Input { m, k, nb, scales, qs });
+            return Ok(Q8Input {
+                m,
+                k,
+                nb,
+                scales,
+                qs,
+            });
         }
         for ((chunk, s), q) in x.chunks_exact(QK).zip(&mut scales).zip(&mut qs) {
             *s = quantize_block_reference(chunk, &mut q.0);
         }
-        Ok(Q8Input { m, k, nb, scales, qs })
+        Ok(Q8Input {
+            m,
+            k,
+            nb,
+            scales,
+            qs,
+        })
     }
 
     /// Rows.
@@ -410,31 +430,53 @@ fn quantize_block_reference(x: &[f32], q: &mut [i8; QK]) -> f32 {
     f16::from_f32(d).to_f32()
 }
 
-/// `Σ a[i]·b[i]` (equal lengths).
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let n = a.len().min(b.len());
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: the kernels were detected; both slices hold `n` values.
-        return unsafe { avx2::dot(a.as_ptr(), b.as_ptr(), n) };
-    }
-    a[..n].iter().zip(&b[..n]).map(|(x, y)| x * y).sum()
-}
+/// Most query heads [`dots`] and [`axpys`] take per call.
+pub(crate) const MAX_HEADS: usize = 8;
 
-/// `y += a·x` (equal lengths).
-pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    debug_assert_eq!(y.len(), x.len());
-    let n = y.len().min(x.len());
+/// `out[h] = Σ q[h·d + i]·k[i]` for `h < out.len()` (at most [`MAX_HEADS`]), `d = k.len()`:
+/// the query heads of one key/value group against one key, read once.
+pub(crate) fn dots(q: &[f32], k: &[f32], out: &mut [f32]) {
+    let (d, g) = (k.len(), out.len().min(MAX_HEADS));
+    assert!(
+        q.len() >= g * d,
+        "{} query values for {g} heads of {d}",
+        q.len()
+    );
     #[cfg(target_arch = "x86_64")]
     if available() {
-        // SAFETY: the kernels were detected; both slices hold `n` values and do not overlap
-        // (one is borrowed mutably).
-        unsafe { avx2::axpy(y.as_mut_ptr(), a, x.as_ptr(), n) };
+        // SAFETY: the kernels were detected; `q` holds `g·d` values, `k` `d`, `out` `g`.
+        unsafe { avx2::dots(q.as_ptr(), k.as_ptr(), d, out.as_mut_ptr(), g) };
         return;
     }
-    for (y, x) in y[..n].iter_mut().zip(&x[..n]) {
-        *y += a * x;
+    for (h, o) in out.iter_mut().take(g).enumerate() {
+        *o = q[h * d..(h + 1) * d]
+            .iter()
+            .zip(k)
+            .map(|(a, b)| a * b)
+            .sum();
+    }
+}
+
+/// `out[h·d + i] += p[h]·v[i]` for `h < p.len()` (at most [`MAX_HEADS`]), `d = v.len()`:
+/// one value row, read once, into the outputs of a group's query heads.
+pub(crate) fn axpys(out: &mut [f32], p: &[f32], v: &[f32]) {
+    let (d, g) = (v.len(), p.len().min(MAX_HEADS));
+    assert!(
+        out.len() >= g * d,
+        "{} outputs for {g} heads of {d}",
+        out.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the kernels were detected; `out` holds `g·d` values, `v` `d`, `p` `g`;
+        // `out` is borrowed mutably, so it overlaps neither input.
+        unsafe { avx2::axpys(out.as_mut_ptr(), p.as_ptr(), g, v.as_ptr(), d) };
+        return;
+    }
+    for (h, &ph) in p.iter().take(g).enumerate() {
+        for (o, x) in out[h * d..(h + 1) * d].iter_mut().zip(v) {
+            *o += ph * x;
+        }
     }
 }
 
@@ -504,9 +546,9 @@ mod avx2 {
     /// `round_half_even(x · id)` as i32.
     #[target_feature(enable = "avx2,fma,f16c")]
     fn scale_round(x: __m256, id: __m256) -> __m256i {
-        _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, id),
-        ))
+        _mm256_cvtps_epi32(_mm256_round_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(_mm256_mul_ps(x, id)))
     }
 
     /// Dot products of 4 weight rows (scales `ws`, blocks `wq`, `[block][row]`) with `R`
@@ -533,7 +575,8 @@ mod avx2 {
                 let aw = _mm256_sign_epi8(w, w);
                 for j in 0..R {
                     let x = unsafe { _mm256_load_si256(xq.add(j * nb + b).cast()) };
-                    let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+                    let dot =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
                     acc[j][r] = _mm256_fmadd_ps(
                         _mm256_cvtepi32_ps(dot),
                         _mm256_broadcast_ss(&d[j][r]),
@@ -589,13 +632,14 @@ mod avx2 {
                     )
                 };
                 // Nibbles: low halves are values 0..16, high halves values 16..32.
-                let q = _mm256_and_si256(
-                    _mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles),
-                    low,
-                );
+                let q =
+                    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles), low);
                 // Byte i = 0xFF where bit i is set.
                 let set = _mm256_cmpeq_epi8(
-                    _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread), bit_mask),
+                    _mm256_or_si256(
+                        _mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread),
+                        bit_mask,
+                    ),
                     all,
                 );
                 // (nibble | bit << 4) - 16 == nibble | (bit ? 0 : 0xF0) as i8.
@@ -617,7 +661,10 @@ mod avx2 {
     /// clamped to [-87.3, 88.7] (results stay finite and normal).
     #[target_feature(enable = "avx2,fma,f16c")]
     fn exp(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.7));
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+            _mm256_set1_ps(88.7),
+        );
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -625,7 +672,13 @@ mod avx2 {
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1] {
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5e-1,
+        ] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
         let r2 = _mm256_mul_ps(r, r);
@@ -647,7 +700,10 @@ mod avx2 {
         while i + 8 <= n {
             let (x, u) = unsafe { (_mm256_loadu_ps(gate.add(i)), _mm256_loadu_ps(up.add(i))) };
             // -2u = -2·√(2/π)·x·(1 + 0.044715·x²)
-            let inner = _mm256_mul_ps(_mm256_mul_ps(k, x), _mm256_fmadd_ps(c, _mm256_mul_ps(x, x), one));
+            let inner = _mm256_mul_ps(
+                _mm256_mul_ps(k, x),
+                _mm256_fmadd_ps(c, _mm256_mul_ps(x, x), one),
+            );
             let g = _mm256_div_ps(x, _mm256_add_ps(one, exp(inner)));
             unsafe { _mm256_storeu_ps(gate.add(i), _mm256_mul_ps(g, u)) };
             i += 8;
@@ -658,47 +714,49 @@ mod avx2 {
         }
     }
 
-    /// `Σ a[i]·b[i]` over `n` values.
+    /// See the safe [`super::dots`]; `g <= MAX_HEADS`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
-        let mut acc = [_mm256_setzero_ps(); 4];
+    pub(super) unsafe fn dots(q: *const f32, k: *const f32, d: usize, out: *mut f32, g: usize) {
+        let mut acc = [_mm256_setzero_ps(); super::MAX_HEADS];
         let mut i = 0;
-        while i + 32 <= n {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let (x, y) = unsafe { (_mm256_loadu_ps(a.add(i + 8 * j)), _mm256_loadu_ps(b.add(i + 8 * j))) };
-                *acc = _mm256_fmadd_ps(x, y, *acc);
+        while i + 8 <= d {
+            let kv = unsafe { _mm256_loadu_ps(k.add(i)) };
+            for (h, acc) in acc.iter_mut().enumerate().take(g) {
+                *acc = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(q.add(h * d + i)) }, kv, *acc);
             }
-            i += 32;
-        }
-        while i + 8 <= n {
-            let (x, y) = unsafe { (_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i))) };
-            acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
             i += 8;
         }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut sum = hsum(s);
-        while i < n {
-            sum += unsafe { *a.add(i) * *b.add(i) };
-            i += 1;
+        for (h, acc) in acc.iter().enumerate().take(g) {
+            let mut sum = hsum(*acc);
+            for t in i..d {
+                sum += unsafe { *q.add(h * d + t) * *k.add(t) };
+            }
+            unsafe { *out.add(h) = sum };
         }
-        sum
     }
 
-    /// `y[i] += a·x[i]` over `n` values.
+    /// See the safe [`super::axpys`]; `g <= MAX_HEADS`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn axpy(y: *mut f32, a: f32, x: *const f32, n: usize) {
-        let av = _mm256_set1_ps(a);
+    pub(super) unsafe fn axpys(out: *mut f32, p: *const f32, g: usize, v: *const f32, d: usize) {
+        let mut ps = [_mm256_setzero_ps(); super::MAX_HEADS];
+        for (h, ph) in ps.iter_mut().enumerate().take(g) {
+            *ph = _mm256_set1_ps(unsafe { *p.add(h) });
+        }
         let mut i = 0;
-        while i + 8 <= n {
-            unsafe {
-                let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(y.add(i)));
-                _mm256_storeu_ps(y.add(i), v);
+        while i + 8 <= d {
+            let vv = unsafe { _mm256_loadu_ps(v.add(i)) };
+            for (h, ph) in ps.iter().enumerate().take(g) {
+                unsafe {
+                    let o = out.add(h * d + i);
+                    _mm256_storeu_ps(o, _mm256_fmadd_ps(*ph, vv, _mm256_loadu_ps(o)));
+                }
             }
             i += 8;
         }
-        while i < n {
-            unsafe { *y.add(i) += a * *x.add(i) };
-            i += 1;
+        for h in 0..g {
+            for t in i..d {
+                unsafe { *out.add(h * d + t) += *p.add(h) * *v.add(t) };
+            }
         }
     }
 
@@ -720,10 +778,14 @@ mod tests {
 
     /// Deterministic values with a spread of magnitudes and signs.
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|i| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let u = ((s >> 33) as f32) / (1u64 << 31) as f32 - 0.5;
                 u * if i % 7 == 0 { 9.0 } else { 1.0 }
             })
@@ -743,7 +805,11 @@ mod tests {
         let ids = [0u32, 5, 11, 3];
         let got = m.rows(&ids).unwrap();
         for (i, &id) in ids.iter().enumerate() {
-            assert_eq!(&got[i * 96..(i + 1) * 96], want[id as usize].as_slice(), "row {id}");
+            assert_eq!(
+                &got[i * 96..(i + 1) * 96],
+                want[id as usize].as_slice(),
+                "row {id}"
+            );
         }
         assert!(m.rows(&[12]).is_err(), "an id past the last row is refused");
     }
@@ -795,11 +861,14 @@ mod tests {
                 let mut got = vec![0f32; m * n];
                 mine.matmul(&q, &mut got).unwrap();
                 for (i, (g, r)) in got.iter().zip(&reference).enumerate() {
-                    assert!((g - r).abs() <= 1e-5 * r.abs().max(1.0), "m {m} #{i}: {g} vs {r}");
+                    assert!(
+                        (g - r).abs() <= 1e-5 * r.abs().max(1.0),
+                        "m {m} #{i}: {g} vs {r}"
+                    );
                 }
             }
             for t_ in 0..m {
-                for row in 0..n {
+                for (row, dense_row) in dense.iter().enumerate() {
                     let i = t_ * n + row;
                     // candle quantizes activations the same way (ties aside), so the products
                     // agree closely; both stay near the exact product of the stored weights.
@@ -810,11 +879,11 @@ mod tests {
                         theirs[i]
                     );
                     let xr = &x[t_ * k..(t_ + 1) * k];
-                    let exact: f32 = dense[row].iter().zip(xr).map(|(a, b)| a * b).sum();
+                    let exact: f32 = dense_row.iter().zip(xr).map(|(a, b)| a * b).sum();
                     // Q8_0 activations: each value is off by at most half its block's step
                     // (the f16 scale), so the sum is off by at most Σ |w| · step / 2.
                     let bound: f32 = (0..k)
-                        .map(|c| dense[row][c].abs() * q.scales[t_ * (k / QK) + c / QK] * 0.51)
+                        .map(|c| dense_row[c].abs() * q.scales[t_ * (k / QK) + c / QK] * 0.51)
                         .sum();
                     assert!(
                         (reference[i] - exact).abs() <= bound + 1e-4 * exact.abs(),
@@ -853,8 +922,16 @@ mod tests {
         let mut reference = vec![0f32; n];
         m.matmul_reference(&one, &mut reference);
         for i in 0..n {
-            assert!((got[i] - wide[i]).abs() <= 1e-5 * wide[i].abs().max(1.0), "#{i}: {} vs {}", got[i], wide[i]);
-            assert!((got[i] - reference[i]).abs() <= 1e-5 * reference[i].abs().max(1.0), "#{i}");
+            assert!(
+                (got[i] - wide[i]).abs() <= 1e-5 * wide[i].abs().max(1.0),
+                "#{i}: {} vs {}",
+                got[i],
+                wide[i]
+            );
+            assert!(
+                (got[i] - reference[i]).abs() <= 1e-5 * reference[i].abs().max(1.0),
+                "#{i}"
+            );
         }
     }
 
@@ -862,7 +939,9 @@ mod tests {
     fn fused_gelu_matches_candles_gelu_times_up() {
         // A sweep through GELU's range, the saturated tails and zero included.
         let mut x: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 400.0).collect();
-        x.extend([0.0, -0.0, 1e-8, -1e-8, 30.0, -30.0, 100.0, -100.0, 1e4, -1e4]);
+        x.extend([
+            0.0, -0.0, 1e-8, -1e-8, 30.0, -30.0, 100.0, -100.0, 1e4, -1e4,
+        ]);
         let up: Vec<f32> = (0..x.len()).map(|i| 0.5 + (i % 13) as f32 / 7.0).collect();
         let t = Tensor::from_vec(x.clone(), x.len(), &Device::Cpu).unwrap();
         let u = Tensor::from_vec(up.clone(), x.len(), &Device::Cpu).unwrap();
@@ -881,24 +960,44 @@ mod tests {
     }
 
     #[test]
-    fn dot_and_axpy_agree_with_plain_loops_at_every_length() {
-        for n in [0, 1, 7, 8, 9, 31, 32, 33, 256, 300] {
-            let a = values(n, 20 + n as u64);
-            let b = values(n, 40 + n as u64);
-            let want: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
-            let got = dot(&a, &b);
-            assert!((f64::from(got) - want).abs() <= 1e-4 * want.abs().max(1.0), "dot n {n}: {got} vs {want}");
-            let mut y = b.clone();
-            axpy(&mut y, 0.75, &a);
-            for i in 0..n {
-                assert!((y[i] - (b[i] + 0.75 * a[i])).abs() <= 1e-6 * (1.0 + y[i].abs()), "axpy n {n} #{i}");
+    fn grouped_dots_and_axpys_agree_with_plain_loops() {
+        for (g, d) in [(1, 256), (4, 256), (2, 40), (8, 7), (3, 0)] {
+            let q = values(g * d, 20 + d as u64);
+            let k = values(d, 40 + g as u64);
+            let mut got = vec![0f32; g];
+            dots(&q, &k, &mut got);
+            for h in 0..g {
+                let want: f64 = (0..d)
+                    .map(|i| f64::from(q[h * d + i]) * f64::from(k[i]))
+                    .sum();
+                assert!(
+                    (f64::from(got[h]) - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "dots g {g} d {d} h {h}"
+                );
+            }
+            let p: Vec<f32> = (0..g).map(|h| 0.25 + h as f32).collect();
+            let mut out = q.clone();
+            axpys(&mut out, &p, &k);
+            for h in 0..g {
+                for i in 0..d {
+                    let want = q[h * d + i] + p[h] * k[i];
+                    assert!(
+                        (out[h * d + i] - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                        "axpys g {g} d {d}"
+                    );
+                }
             }
         }
     }
 
     #[test]
     fn shapes_the_kernels_cannot_take_are_left_to_candle() {
-        assert!(Q8Matrix::from_qtensor(&q8_tensor(6, 64, 4)).unwrap().is_none(), "6 rows");
+        assert!(
+            Q8Matrix::from_qtensor(&q8_tensor(6, 64, 4))
+                .unwrap()
+                .is_none(),
+            "6 rows"
+        );
         let w = Tensor::from_vec(values(8 * 256, 5), (8, 256), &Device::Cpu).unwrap();
         let q4 = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
         assert!(Q8Matrix::from_qtensor(&q4).unwrap().is_none(), "Q4_K");

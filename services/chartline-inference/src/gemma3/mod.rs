@@ -16,10 +16,10 @@
 //! - RoPE tables cover only the context this instance serves.
 
 mod config;
+mod kernels;
 mod kv_cache;
 mod model;
 mod multimodal;
-mod kernels;
 #[cfg(test)]
 mod multimodal_reference;
 mod safetensors;

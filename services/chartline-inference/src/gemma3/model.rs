@@ -139,9 +139,9 @@ impl<'a> Input<'a> {
     /// applied as is; a Q8_0 matrix multiplies the shared quantized input.
     fn project(&self, w: &Weight) -> Result<Tensor> {
         match w {
-            Weight::Candle(m @ QMatMul::Tensor(t)) if t.dtype() != self.x.dtype() => {
-                m.forward(&self.x.to_dtype(t.dtype())?)?.to_dtype(self.x.dtype())
-            }
+            Weight::Candle(m @ QMatMul::Tensor(t)) if t.dtype() != self.x.dtype() => m
+                .forward(&self.x.to_dtype(t.dtype())?)?
+                .to_dtype(self.x.dtype()),
             Weight::Candle(m) => m.forward(self.x),
             Weight::Q8(m) => {
                 let out = self.q8_product(m)?;
@@ -157,7 +157,11 @@ impl<'a> Input<'a> {
             Some(q) => q,
             None => {
                 let rows = self.x.elem_count() / k;
-                let data = self.x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let data = self
+                    .x
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 let q = Q8Input::quantize(&data, rows, k)?;
                 self.q8.get_or_init(|| q)
             }
@@ -560,7 +564,7 @@ fn attend(
         scores
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let attn = probs.matmul(&values)?; // (1, nkv, g*L, vd)
+    let attn = probs.matmul(values)?; // (1, nkv, g*L, vd)
     let attn = attn
         .reshape((1, nh, l, vd))?
         .transpose(1, 2)?
@@ -568,13 +572,33 @@ fn attend(
     Ok(attn)
 }
 
+/// Row `j` (`d` values) of cached keys or values starting at `base`, `stride` apart.
+fn cached_row(data: &[f32], base: usize, stride: usize, j: usize, d: usize) -> Result<&[f32]> {
+    data.get(base + j * stride..base + j * stride + d)
+        .ok_or_else(|| candle_core::Error::Msg("cached row outside its storage".into()))
+}
+
+/// Keys per work item of one-token attention. Fixed, so that the sums (and the logits) do
+/// not depend on the number of threads.
+const KEYS_PER_ITEM: usize = 64;
+
 /// Attention of one new token (L = 1) on the CPU with Chartline's f32 kernels: every cached
-/// key is visible to it (the caller drops keys outside the window), so no mask. `None` when
-/// the tensors are not plain CPU f32 with contiguous rows (candle's path then runs).
+/// key is visible to it (the caller drops keys outside the window), so no mask. Each key
+/// and value row is read once for the query heads of its group, and ranges of keys are
+/// spread over candle's worker pool (partial sums added in a fixed order). `None` when the
+/// tensors are not plain CPU f32 with contiguous rows (candle's path then runs).
 fn attend_one(q: &Tensor, keys: &Tensor, values: &Tensor, g: usize) -> Result<Option<Tensor>> {
+    use std::sync::{Mutex, PoisonError};
     let (_, nh, l, hd) = q.dims4()?;
-    let (_, _, t, vd) = values.dims4()?;
-    if l != 1 || !q.device().is_cpu() || q.dtype() != DType::F32 || t == 0 {
+    let (_, nkv, t, vd) = values.dims4()?;
+    if l != 1
+        || !q.device().is_cpu()
+        || q.dtype() != DType::F32
+        || t == 0
+        || g == 0
+        || g > kernels::MAX_HEADS
+        || nh != nkv * g
+    {
         return Ok(None);
     }
     let q = q.flatten_all()?.to_vec1::<f32>()?;
@@ -590,26 +614,78 @@ fn attend_one(q: &Tensor, keys: &Tensor, values: &Tensor, g: usize) -> Result<Op
     if ks.len() != 4 || vs.len() != 4 || ks[3] != 1 || vs[3] != 1 {
         return Ok(None);
     }
+    let pool = candle_core::utils::barrier_pool();
+    let items = t.div_ceil(KEYS_PER_ITEM);
     let mut out = vec![0f32; nh * vd];
-    let mut scores = vec![0f32; t];
-    for (h, out) in out.chunks_exact_mut(vd).enumerate() {
-        let qh = &q[h * hd..(h + 1) * hd];
-        let kbase = kl.start_offset() + (h / g) * ks[1];
-        for (j, s) in scores.iter_mut().enumerate() {
-            let at = kbase + j * ks[2];
-            *s = kernels::dot(qh, &kdata[at..at + hd]);
+    for (kv, out) in out.chunks_exact_mut(g * vd).enumerate() {
+        let qg = &q[kv * g * hd..(kv + 1) * g * hd];
+        let (kbase, vbase) = (
+            kl.start_offset() + kv * ks[1],
+            vl.start_offset() + kv * vs[1],
+        );
+        // Scores, [key][head].
+        let mut scores = vec![0f32; t * g];
+        let pieces: Vec<Mutex<&mut [f32]>> = scores
+            .chunks_mut(KEYS_PER_ITEM * g)
+            .map(Mutex::new)
+            .collect();
+        let failed = Mutex::new(None);
+        pool.execute_chunked(items, |range| {
+            for c in range {
+                let mut piece = pieces[c].lock().unwrap_or_else(PoisonError::into_inner);
+                for (i, s) in piece.chunks_exact_mut(g).enumerate() {
+                    match cached_row(kdata, kbase, ks[2], c * KEYS_PER_ITEM + i, hd) {
+                        Ok(k) => kernels::dots(qg, k, s),
+                        Err(e) => *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e),
+                    }
+                }
+            }
+        });
+        drop(pieces);
+        if let Some(e) = failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            return Err(e);
         }
-        // Softmax as candle's `softmax_last_dim`: shift by the max, exponentiate, normalise.
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        // Softmax per head as candle's `softmax_last_dim`: shift by the max, exponentiate,
+        // normalise.
+        for h in 0..g {
+            let max = scores
+                .iter()
+                .skip(h)
+                .step_by(g)
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for s in scores.iter_mut().skip(h).step_by(g) {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for s in scores.iter_mut().skip(h).step_by(g) {
+                *s /= sum;
+            }
         }
-        let vbase = vl.start_offset() + (h / g) * vs[1];
-        for (j, &p) in scores.iter().enumerate() {
-            let at = vbase + j * vs[2];
-            kernels::axpy(out, p / sum, &vdata[at..at + vd]);
+        // Weighted values: each item sums its keys' rows into its own partial output.
+        let parts: Vec<Mutex<Vec<f32>>> =
+            (0..items).map(|_| Mutex::new(vec![0f32; g * vd])).collect();
+        let failed = Mutex::new(None);
+        pool.execute_chunked(items, |range| {
+            for c in range {
+                let mut acc = parts[c].lock().unwrap_or_else(PoisonError::into_inner);
+                for j in c * KEYS_PER_ITEM..((c + 1) * KEYS_PER_ITEM).min(t) {
+                    match cached_row(vdata, vbase, vs[2], j, vd) {
+                        Ok(v) => kernels::axpys(&mut acc, &scores[j * g..(j + 1) * g], v),
+                        Err(e) => *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e),
+                    }
+                }
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            return Err(e);
+        }
+        for part in parts {
+            let part = part.into_inner().unwrap_or_else(PoisonError::into_inner);
+            for (o, p) in out.iter_mut().zip(&part) {
+                *o += p;
+            }
         }
     }
     Ok(Some(Tensor::from_vec(out, (1, 1, nh * vd), &Device::Cpu)?))
