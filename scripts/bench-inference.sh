@@ -9,7 +9,9 @@ venv="${LLAMACPP_VENV:-/tmp/llamacpp-venv}"
 model="${CHARTLINE_MODELS_DIR:-models}/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
 bash scripts/install-models.sh >/dev/null
 cargo build --locked --release -q -p chartline-inference --example bench_gguf
-echo "== Chartline (candle, own Gemma 3) =="
+echo "== Chartline (own Gemma 3 on candle, own Q8_0/Q5_0 kernels) =="
 CANDLE_NUM_THREADS="${BENCH_THREADS:-2}" "${CARGO_TARGET_DIR:-target}/release/examples/bench_gguf"
+echo "== Chartline with candle's kernels for every matrix (for comparison) =="
+CANDLE_NUM_THREADS="${BENCH_THREADS:-2}" "${CARGO_TARGET_DIR:-target}/release/examples/bench_gguf" --candle-kernels | grep -E "^gemma"
 echo "== llama.cpp (llama-cpp-python) and the bandwidth ceiling =="
 BENCH_THREADS="${BENCH_THREADS:-2}" "$venv/bin/python" scripts/bench_llamacpp.py "$model"

@@ -92,7 +92,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let per_s = (rounds * batch.len()) as f64 / t.elapsed().as_secs_f64();
     println!("all-MiniLM-L6-v2: {per_s:.1} embeddings/s (batch 32, ~24 tokens each)");
     println!("peak RSS overall: {} MiB", rss_mib("VmHWM"));
+    read_bandwidth();
     Ok(())
+}
+
+/// Memory read bandwidth with 2 threads (the decode threads): each sums half of a 1 GiB
+/// buffer; best of 5. A decoded token streams the weights once, so weights bytes / this
+/// rate bounds decode from above.
+fn read_bandwidth() {
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sums: Vec<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(words / 2)
+                .map(|half| s.spawn(move || half.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        std::hint::black_box(sums);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    println!("memory read bandwidth, 2 threads: {best:.1} GB/s (best of 5, 1 GiB)");
 }
 
 fn argmax(v: &[f32]) -> u32 {
