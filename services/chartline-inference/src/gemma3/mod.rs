@@ -59,7 +59,7 @@ pub struct GgufOptions {
     pub prefill_chunk: usize,
     /// Rewrite Q5_0 tensors as (equivalent) Q8_0 for speed. See the module docs.
     pub requantize_q5_0: bool,
-    /// Multiply Q8_0 and Q5_0 matrices with Chartline's own CPU kernels (x86-64 with
+    /// Multiply Q8_0, Q5_0 and Q4_K matrices with Chartline's own CPU kernels (x86-64 with
     /// AVX2/FMA/F16C; see `kernels`) instead of candle's; they hold Q5_0 both as stored (for
     /// decoding) and widened to Q8_0 (for prefill), whatever `requantize_q5_0` says. Other
     /// types, other CPUs and CUDA always use candle's.
@@ -294,6 +294,11 @@ impl Loader<'_> {
         let t = self.qtensor(name)?;
         if let Some(m) = self.repack(&t)? {
             return Ok(model::Weight::Q8(Arc::new(m)));
+        }
+        if self.kernels_apply()
+            && let Some(m) = kernels::U4Matrix::from_qtensor(&t)?
+        {
+            return Ok(model::Weight::U4(Arc::new(m)));
         }
         Ok(self.wrap(Arc::new(t))?.into())
     }

@@ -27,7 +27,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Result, Storage, Tensor};
 
 use super::config::Gemma3Config;
-use super::kernels::{self, Q8Input, Q8Matrix};
+use super::kernels::{self, Q8Input, Q8Matrix, U4Matrix};
 use super::kv_cache::KvCache;
 
 /// cos/sin tables (max_positions, head_dim / 2) for one RoPE base and scale.
@@ -110,6 +110,8 @@ impl Embedding {
 pub(crate) enum Weight {
     Candle(QMatMul),
     Q8(Arc<Q8Matrix>),
+    /// Q4_K repacked for Chartline's kernels.
+    U4(Arc<U4Matrix>),
 }
 
 impl From<QMatMul> for Weight {
@@ -147,25 +149,41 @@ impl<'a> Input<'a> {
                 let out = self.q8_product(m)?;
                 self.shaped(out, m.dims().0)
             }
-        }
-    }
-
-    /// `x @ mᵀ` as rows of `m`'s output width.
-    fn q8_product(&self, m: &Q8Matrix) -> Result<Vec<f32>> {
-        let (n, k) = m.dims();
-        let q = match self.q8.get() {
-            Some(q) => q,
-            None => {
-                let rows = self.x.elem_count() / k;
+            Weight::U4(m) => {
+                // K-quant weights take Q8_K activations, as llama.cpp multiplies them.
+                let (n, k) = m.dims();
                 let data = self
                     .x
                     .to_dtype(DType::F32)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
-                let q = Q8Input::quantize(&data, rows, k)?;
-                self.q8.get_or_init(|| q)
+                let q = Q8Input::quantize_k(&data, self.x.elem_count() / k, k)?;
+                let mut out = vec![0f32; q.rows() * n];
+                m.matmul(&q, &mut out)?;
+                self.shaped(out, n)
             }
-        };
+        }
+    }
+
+    /// The input quantized to Q8_0 rows of `k` values (once).
+    fn quantized(&self, k: usize) -> Result<&Q8Input> {
+        if let Some(q) = self.q8.get() {
+            return Ok(q);
+        }
+        let rows = self.x.elem_count() / k;
+        let data = self
+            .x
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let q = Q8Input::quantize(&data, rows, k)?;
+        Ok(self.q8.get_or_init(|| q))
+    }
+
+    /// `x @ mᵀ` as rows of `m`'s output width.
+    fn q8_product(&self, m: &Q8Matrix) -> Result<Vec<f32>> {
+        let (n, k) = m.dims();
+        let q = self.quantized(k)?;
         let mut out = vec![0f32; q.rows() * n];
         m.matmul(q, &mut out)?;
         Ok(out)
