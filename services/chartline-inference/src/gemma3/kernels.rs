@@ -676,6 +676,12 @@ impl Q8Input {
             }
             let iscale = -127.0 / max;
             for (block, values) in q.iter_mut().zip(chunk.chunks_exact(QK)) {
+                #[cfg(target_arch = "x86_64")]
+                if available() {
+                    // SAFETY: the kernels were detected; `values` holds 32 values.
+                    unsafe { avx2::scale_block(values.as_ptr(), iscale, &mut block.0) };
+                    continue;
+                }
                 for (q, &v) in block.0.iter_mut().zip(values) {
                     *q = (iscale * v).round_ties_even().clamp(-128.0, 127.0) as i8;
                 }
@@ -841,6 +847,24 @@ mod avx2 {
         let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), p) };
         _mm_cvtss_f32(d16)
+    }
+
+    /// `q[i] = clamp(round_half_even(x[i] · iscale), -128, 127)` for 32 values at `x` (packing
+    /// saturates, which is the clamp).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scale_block(x: *const f32, iscale: f32, q: &mut [i8; QK]) {
+        let id = _mm256_set1_ps(iscale);
+        let (i0, i1, i2, i3) = unsafe {
+            (
+                scale_round(_mm256_loadu_ps(x), id),
+                scale_round(_mm256_loadu_ps(x.add(8)), id),
+                scale_round(_mm256_loadu_ps(x.add(16)), id),
+                scale_round(_mm256_loadu_ps(x.add(24)), id),
+            )
+        };
+        let p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), p) };
     }
 
     /// `round_half_even(x · id)` as i32.
@@ -1311,6 +1335,29 @@ mod tests {
                 x[i]
             );
         }
+    }
+
+    #[test]
+    fn q8_k_quantization_matches_the_plain_rounding_rule() {
+        let mut x = values(2 * QK_K, 50);
+        x[3] = 1e-3 * x[3].signum(); // small values
+        x[QK_K + 7] = -40.0; // a negative largest value flips the scale's sign
+        let q = Q8Input::quantize_k(&x, 1, 2 * QK_K).unwrap();
+        for (c, chunk) in x.chunks_exact(QK_K).enumerate() {
+            let max = chunk
+                .iter()
+                .copied()
+                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let iscale = -127.0 / max;
+            for (i, &v) in chunk.iter().enumerate() {
+                let want = (iscale * v).round_ties_even().clamp(-128.0, 127.0) as i8;
+                assert_eq!(q.qs[c * 8 + i / QK].0[i % QK], want, "chunk {c} value {i}");
+            }
+            assert_eq!(q.scales[c * 8], 1.0 / iscale);
+        }
+        assert!(q.scales[8] > 0.0, "largest value negative: positive scale");
+        let zeros = Q8Input::quantize_k(&[0f32; QK_K], 1, QK_K).unwrap();
+        assert!(zeros.qs.iter().all(|b| b.0 == [0; QK]) && zeros.scales.iter().all(|&d| d == 0.0));
     }
 
     #[test]
