@@ -9,7 +9,7 @@ venv="${LLAMACPP_VENV:-/tmp/llamacpp-venv}"
 model="${CHARTLINE_MODELS_DIR:-models}/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
 bash scripts/install-models.sh >/dev/null
 cargo build --locked --release -q -p chartline-inference --example bench_gguf
-echo "== Chartline (own Gemma 3 on candle, own Q8_0/Q5_0 kernels) =="
+echo "== Chartline (own Gemma 3 on candle, own Q8_0/Q5_0/Q4_K kernels) =="
 CANDLE_NUM_THREADS="${BENCH_THREADS:-2}" "${CARGO_TARGET_DIR:-target}/release/examples/bench_gguf"
 echo "== Chartline with candle's kernels for every matrix (for comparison) =="
 CANDLE_NUM_THREADS="${BENCH_THREADS:-2}" "${CARGO_TARGET_DIR:-target}/release/examples/bench_gguf" --candle-kernels | grep -E "^gemma"

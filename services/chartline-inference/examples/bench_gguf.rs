@@ -37,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &options,
     )?;
     println!(
-        "gemma load: {:.2} s (Q5_0 -> Q8_0: {requantize_q5_0}, own Q8_0 kernels: {own_kernels}), RSS {} MiB",
+        "gemma load: {:.2} s (Q5_0 -> Q8_0: {requantize_q5_0}, own kernels: {own_kernels}), RSS {} MiB",
         started.elapsed().as_secs_f64(),
         rss_mib("VmRSS")
     );

@@ -1,11 +1,12 @@
 //! Chartline's own CPU kernels (x86-64 with AVX2, FMA and F16C, detected at run time):
-//! Q8_0 weight matrices, and the f32 dot products of one-token attention.
+//! Q8_0, Q5_0 and Q4_K weight matrices, and the f32 dot products of one-token attention.
 //!
 //! In the Gemma 3 270M Q4_K_M file, Q8_0 holds the tied 262k × 640 embedding (the output
-//! projection, 178 MB: most of what one decoded token reads) and, after the loader rewrites
-//! Q5_0 as Q8_0, the query, key, gate and up projections of every layer. candle multiplies
-//! those one activation row at a time against four weight rows (its repacked x86 tiles cover
-//! Q4_K and Q6_K, and Q8_0 only with AVX-512/VNNI). These kernels:
+//! projection, 178 MB: most of what one decoded token reads), Q5_0 the query, key, gate and
+//! up projections, Q4_K the attention outputs and half the down projections (Q6_K, left to
+//! candle, the other half). candle multiplies Q8_0 one activation row at a time against
+//! four weight rows (its repacked x86 tiles cover Q4_K and Q6_K, and Q8_0 only with
+//! AVX-512/VNNI) and has no SIMD path for Q5_0. These kernels:
 //!
 //! - **repack** the weights once at load: rows are interleaved in groups of four, block by
 //!   block (`[group][block][row]`), 32 quantized values aligned to 32 bytes, with the f16
@@ -19,6 +20,10 @@
 //!   product of the two scales, exactly the integer dot products llama.cpp computes;
 //! - spread row groups over candle's own worker pool (`candle_core::utils::barrier_pool`),
 //!   so they share its threads instead of adding a second pool that would spin against it.
+//!
+//! [`U4Matrix`] holds Q4_K as 4-bit values with an f32 scale and offset per 32 and
+//! multiplies them with `maddubs(q, x)` directly (the values are unsigned) over activations
+//! quantized as llama.cpp's Q8_K, which is what llama.cpp pairs with K-quants.
 //!
 //! [`dots`] and [`axpys`] are the f32 loops of attention for one new token (scores against
 //! every cached key, then the weighted sum of values), each key and value row read once for
