@@ -1175,6 +1175,42 @@ mod tests {
             .collect()
     }
 
+    /// candle's product of `x` (rows × k) with the weights of `m`.
+    fn candle_product(m: &QMatMul, x: &[f32], rows: usize, k: usize) -> Vec<f32> {
+        m.forward(&Tensor::from_vec(x.to_vec(), (rows, k), &Device::Cpu).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// `got` (row t of `x` times weight row `row`) is within the activation quantization's
+    /// error of the exact product of the stored weights `dense_row`: each quantized value
+    /// is off by at most half its block's step |d|, so the sum by at most Σ |w| · |d| / 2.
+    fn assert_within_quantization_error(
+        got: f32,
+        dense_row: &[f32],
+        x: &[f32],
+        q: &Q8Input,
+        t: usize,
+        label: &str,
+    ) {
+        let k = dense_row.len();
+        let exact: f32 = dense_row
+            .iter()
+            .zip(&x[t * k..(t + 1) * k])
+            .map(|(a, b)| a * b)
+            .sum();
+        let bound: f32 = (0..k)
+            .map(|c| dense_row[c].abs() * q.scales[t * (k / QK) + c / QK].abs() * 0.51)
+            .sum();
+        assert!(
+            (got - exact).abs() <= bound + 1e-4 * exact.abs(),
+            "{label}: {got} vs exact {exact}"
+        );
+    }
+
     fn q8_tensor(n: usize, k: usize, seed: u64) -> QTensor {
         let w = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
         QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()
@@ -1233,13 +1269,7 @@ mod tests {
             let mut reference = vec![0f32; m * n];
             let m8 = Q8Matrix::from_blocks(&t.data().unwrap(), n, k).unwrap();
             m8.matmul_reference(&q, &mut reference);
-            let theirs: Vec<f32> = candle
-                .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let theirs = candle_product(&candle, &x, m, k);
             if let Some(mine) = &mine {
                 let mut got = vec![0f32; m * n];
                 mine.matmul(&q, &mut got).unwrap();
@@ -1261,17 +1291,13 @@ mod tests {
                         reference[i],
                         theirs[i]
                     );
-                    let xr = &x[t_ * k..(t_ + 1) * k];
-                    let exact: f32 = dense_row.iter().zip(xr).map(|(a, b)| a * b).sum();
-                    // Q8_0 activations: each value is off by at most half its block's step
-                    // (the f16 scale), so the sum is off by at most Σ |w| · step / 2.
-                    let bound: f32 = (0..k)
-                        .map(|c| dense_row[c].abs() * q.scales[t_ * (k / QK) + c / QK] * 0.51)
-                        .sum();
-                    assert!(
-                        (reference[i] - exact).abs() <= bound + 1e-4 * exact.abs(),
-                        "m {m} #{i}: {} vs exact {exact}",
-                        reference[i]
+                    assert_within_quantization_error(
+                        reference[i],
+                        dense_row,
+                        &x,
+                        &q,
+                        t_,
+                        &format!("m {m} #{i}"),
                     );
                 }
             }
@@ -1385,13 +1411,7 @@ mod tests {
             m.matmul(&q, &mut got).unwrap();
             let mut reference = vec![0f32; rows * n];
             m.matmul_reference(&q, &mut reference);
-            let theirs: Vec<f32> = candle
-                .forward(&Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let theirs = candle_product(&candle, &x, rows, k);
             for t in 0..rows {
                 for (row, dense_row) in dense.iter().enumerate() {
                     let i = t * n + row;
@@ -1401,20 +1421,16 @@ mod tests {
                         got[i],
                         reference[i]
                     );
-                    // Exact product of the stored weights, and the Q8_K activation bound
-                    // (each value off by at most half its step |d|; d is negative when the
-                    // largest value is positive).
-                    let xr = &x[t * k..(t + 1) * k];
-                    let exact: f32 = dense_row.iter().zip(xr).map(|(a, b)| a * b).sum();
-                    let bound: f32 = (0..k)
-                        .map(|c| dense_row[c].abs() * q.scales[t * (k / QK) + c / QK].abs() * 0.51)
-                        .sum();
-                    assert!(
-                        (got[i] - exact).abs() <= bound + 1e-4 * exact.abs(),
-                        "rows {rows} #{i}: {} vs exact {exact}",
-                        got[i]
+                    assert_within_quantization_error(
+                        got[i],
+                        dense_row,
+                        &x,
+                        &q,
+                        t,
+                        &format!("rows {rows} #{i}"),
                     );
-                    // candle quantizes activations per 256 (Q8_K): close, not equal.
+                    // candle quantizes activations the same way (Q8_K, ties aside) and sums
+                    // in another order: equal up to rounding.
                     assert!(
                         (got[i] - theirs[i]).abs() <= 1e-4 * theirs[i].abs().max(1.0),
                         "rows {rows} #{i}: {} vs candle {}",
