@@ -247,33 +247,13 @@ impl Q8Matrix {
                 out.len()
             );
         }
+        if x.m == 1 {
+            return matvecs(Some(x), None, &mut [(Packed::Q8(self), out)]);
+        }
         #[cfg(target_arch = "x86_64")]
         if available() {
             let out_ptr = SharedOut(out.as_mut_ptr());
             let (n, nb, m) = (self.n, self.nb, x.m);
-            if let (1, Some(q5)) = (m, &self.q5) {
-                candle_core::utils::barrier_pool().execute_chunked(n / ROWS, |groups| {
-                    let out_ptr = &out_ptr;
-                    for g in groups {
-                        let at = g * nb * ROWS;
-                        // SAFETY: the kernels were detected; the group's `nb * 4` blocks
-                        // are inside the packed arrays, the input holds `nb` blocks, and
-                        // columns `4g .. 4g + 4` of the one output row are this group's.
-                        unsafe {
-                            let sums = avx2::tile_q5(
-                                q5.scales[at..].as_ptr(),
-                                q5.qh[at..].as_ptr(),
-                                q5.qs[at..].as_ptr(),
-                                nb,
-                                x.scales_at(0),
-                                x.blocks_at(0),
-                            );
-                            store(out_ptr.0, n, 0, g * ROWS, &[sums]);
-                        }
-                    }
-                });
-                return Ok(());
-            }
             candle_core::utils::barrier_pool().execute_chunked(n / ROWS, |groups| {
                 let out_ptr = &out_ptr;
                 for g in groups {
@@ -287,6 +267,40 @@ impl Q8Matrix {
         }
         self.matmul_reference(x, out);
         Ok(())
+    }
+
+    /// Group `g` (4 weight rows) against the one row of `x`: the 5-bit form when the matrix
+    /// has one, else Q8_0.
+    ///
+    /// # Safety
+    /// The kernels must be available, `g < n / 4`, `x` one row of width `k`, and `out` must
+    /// hold `n` values of which this call alone writes `4g .. 4g + 4`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn group_one(&self, g: usize, x: Option<&Q8Input>, out: *mut f32) {
+        let Some(x) = x else { return };
+        let at = g * self.nb * ROWS;
+        let sums = match &self.q5 {
+            Some(q5) => unsafe {
+                avx2::tile_q5(
+                    q5.scales[at..].as_ptr(),
+                    q5.qh[at..].as_ptr(),
+                    q5.qs[at..].as_ptr(),
+                    self.nb,
+                    x.scales_at(0),
+                    x.blocks_at(0),
+                )
+            },
+            None => unsafe {
+                avx2::tile::<1>(
+                    self.scales[at..].as_ptr(),
+                    self.qs[at..].as_ptr(),
+                    self.nb,
+                    x.scales_at(0),
+                    x.blocks_at(0),
+                )[0]
+            },
+        };
+        unsafe { store(out, self.n, 0, g * ROWS, &[sums]) };
     }
 
     /// One group of 4 weight rows against every activation row.
@@ -484,6 +498,9 @@ impl U4Matrix {
                 out.len()
             );
         }
+        if x.m == 1 {
+            return matvecs(None, Some(x), &mut [(Packed::U4(self), out)]);
+        }
         #[cfg(target_arch = "x86_64")]
         if available() {
             let out_ptr = SharedOut(out.as_mut_ptr());
@@ -545,6 +562,24 @@ impl U4Matrix {
         Ok(())
     }
 
+    /// Group `g` (4 weight rows) against the one row of `x` (Q8_K).
+    ///
+    /// # Safety
+    /// As [`Q8Matrix::group_one`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn group_one(&self, g: usize, x: Option<&Q8Input>, out: *mut f32) {
+        let Some(x) = x else { return };
+        let at = g * self.nb * ROWS;
+        let w = (
+            self.scales[at..].as_ptr(),
+            self.offsets[at..].as_ptr(),
+            self.qs[at..].as_ptr(),
+        );
+        let sums =
+            unsafe { avx2::tile_u4::<1>(w, self.nb, x.scales_at(0), x.sums_at(0), x.blocks_at(0)) };
+        unsafe { store(out, self.n, 0, g * ROWS, &sums) };
+    }
+
     /// The same products in plain Rust.
     fn matmul_reference(&self, x: &Q8Input, out: &mut [f32]) {
         for t in 0..x.m {
@@ -571,6 +606,104 @@ impl U4Matrix {
             }
         }
     }
+}
+
+/// A repacked matrix of either kind, for [`matvecs`].
+#[derive(Clone, Copy)]
+pub(crate) enum Packed<'a> {
+    /// Q8_0 (or Q5_0 held in both forms), multiplied with a Q8_0 input.
+    Q8(&'a Q8Matrix),
+    /// Q4_K, multiplied with a Q8_K input.
+    U4(&'a U4Matrix),
+}
+
+impl Packed<'_> {
+    /// (rows, inputs).
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        match self {
+            Packed::Q8(m) => m.dims(),
+            Packed::U4(m) => m.dims(),
+        }
+    }
+}
+
+/// One-row products `out_j = x · m_jᵀ` for several matrices that read the same input
+/// (query/key/value, gate/up) in one pass over the worker pool: one dispatch instead of one
+/// per matrix, each worker taking 4-row groups of whichever matrix comes next. Q8 matrices
+/// read `x8` (the input as Q8_0), Q4_K matrices `xk` (as Q8_K); each holds one row. The sums
+/// are those of [`Q8Matrix::matmul`] and [`U4Matrix::matmul`] for one row.
+pub(crate) fn matvecs(
+    x8: Option<&Q8Input>,
+    xk: Option<&Q8Input>,
+    jobs: &mut [(Packed<'_>, &mut [f32])],
+) -> candle_core::Result<()> {
+    for (m, out) in jobs.iter() {
+        let (n, k) = m.dims();
+        let (x, kind) = match m {
+            Packed::Q8(_) => (x8, "Q8_0"),
+            Packed::U4(_) => (xk, "Q8_K"),
+        };
+        let Some(x) = x else {
+            candle_core::bail!("a ({n}, {k}) matrix needs its input as {kind}");
+        };
+        if x.m != 1 || x.k != k || out.len() != n {
+            candle_core::bail!(
+                "one-row product of ({}, {}) by ({n}, {k})ᵀ into {} values",
+                x.m,
+                x.k,
+                out.len()
+            );
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // Group index where each job starts, and each job's output.
+        let mut starts = Vec::with_capacity(jobs.len() + 1);
+        let mut total = 0;
+        for (m, _) in jobs.iter() {
+            starts.push(total);
+            total += m.dims().0 / ROWS;
+        }
+        starts.push(total);
+        let outs: Vec<SharedOut> = jobs
+            .iter_mut()
+            .map(|(_, out)| SharedOut(out.as_mut_ptr()))
+            .collect();
+        let ms: Vec<Packed<'_>> = jobs.iter().map(|(m, _)| *m).collect();
+        candle_core::utils::barrier_pool().execute_chunked(total, |groups| {
+            let (outs, starts) = (&outs, &starts);
+            for g in groups {
+                let j = starts.partition_point(|&s| s <= g) - 1;
+                let local = g - starts[j];
+                // SAFETY: the kernels were detected; `local` is a group of job `j`'s matrix
+                // (below its n / 4 groups), its input was checked above to hold one row of
+                // the matrix's width, and columns `4·local .. 4·local + 4` of that job's
+                // output are written by this group alone.
+                unsafe {
+                    match ms[j] {
+                        Packed::Q8(m) => m.group_one(local, x8, outs[j].0),
+                        Packed::U4(m) => m.group_one(local, xk, outs[j].0),
+                    }
+                }
+            }
+        });
+        return Ok(());
+    }
+    for (m, out) in jobs.iter_mut() {
+        match m {
+            Packed::Q8(m) => {
+                if let Some(x) = x8 {
+                    m.matmul_reference(x, out);
+                }
+            }
+            Packed::U4(m) => {
+                if let Some(x) = xk {
+                    m.matmul_reference(x, out);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes a tile's sums: `sums[j][r]` is output row `t + j`, column `col + r`.
@@ -807,6 +940,22 @@ pub(crate) fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate[..n].iter_mut().zip(&up[..n]) {
         *g = gelu_tanh(*g) * u;
     }
+}
+
+/// `s[i] = exp(s[i] - shift)` in place; returns `Σ s[i]` (the softmax numerators of one
+/// head over a range of keys and their sum).
+pub(crate) fn exp_shifted_sum(s: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the kernels were detected; `s` holds `s.len()` values.
+        return unsafe { avx2::exp_shifted_sum(s.as_mut_ptr(), s.len(), shift) };
+    }
+    let mut sum = 0f32;
+    for v in s.iter_mut() {
+        *v = (*v - shift).exp();
+        sum += *v;
+    }
+    sum
 }
 
 /// GELU, tanh form, as candle computes it.
@@ -1097,6 +1246,28 @@ mod avx2 {
         }
     }
 
+    /// See the safe [`super::exp_shifted_sum`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn exp_shifted_sum(s: *mut f32, n: usize, shift: f32) -> f32 {
+        let m = _mm256_set1_ps(shift);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp(_mm256_sub_ps(unsafe { _mm256_loadu_ps(s.add(i)) }, m));
+            unsafe { _mm256_storeu_ps(s.add(i), e) };
+            acc = _mm256_add_ps(acc, e);
+            i += 8;
+        }
+        let mut sum = hsum(acc);
+        while i < n {
+            let e = unsafe { (*s.add(i) - shift).exp() };
+            unsafe { *s.add(i) = e };
+            sum += e;
+            i += 1;
+        }
+        sum
+    }
+
     /// See the safe [`super::dots`]; `g <= MAX_HEADS`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dots(q: *const f32, k: *const f32, d: usize, out: *mut f32, g: usize) {
@@ -1342,6 +1513,54 @@ mod tests {
                 "#{i}"
             );
         }
+    }
+
+    #[test]
+    fn one_pass_over_several_matrices_equals_each_product_alone() {
+        // Query/key/value and gate/up in one dispatch: a Q5_0, a Q8_0 and a Q4_K matrix of
+        // different heights reading one input; every output must equal the matrix's own
+        // reference product, and no output may be left unwritten.
+        let k = 256;
+        let x = values(k, 40);
+        let w5 = Tensor::from_vec(values(20 * k, 41), (20, k), &Device::Cpu).unwrap();
+        let q5 = QTensor::quantize(&w5, GgmlDType::Q5_0).unwrap();
+        let Some(a) = Q8Matrix::from_q5_0(&q5.data().unwrap(), 20, k).unwrap() else {
+            return; // a CPU without the kernels
+        };
+        let b = Q8Matrix::from_qtensor(&q8_tensor(8, k, 42))
+            .unwrap()
+            .unwrap();
+        let w4 = Tensor::from_vec(values(12 * k, 43), (12, k), &Device::Cpu).unwrap();
+        let c = U4Matrix::from_qtensor(&QTensor::quantize(&w4, GgmlDType::Q4K).unwrap())
+            .unwrap()
+            .unwrap();
+        let x8 = Q8Input::quantize(&x, 1, k).unwrap();
+        let xk = Q8Input::quantize_k(&x, 1, k).unwrap();
+        let (mut oa, mut ob, mut oc) = (vec![f32::NAN; 20], vec![f32::NAN; 8], vec![f32::NAN; 12]);
+        matvecs(
+            Some(&x8),
+            Some(&xk),
+            &mut [
+                (Packed::Q8(&a), &mut oa),
+                (Packed::Q8(&b), &mut ob),
+                (Packed::U4(&c), &mut oc),
+            ],
+        )
+        .unwrap();
+        let (mut ra, mut rb, mut rc) = (vec![0f32; 20], vec![0f32; 8], vec![0f32; 12]);
+        a.matmul_reference(&x8, &mut ra);
+        b.matmul_reference(&x8, &mut rb);
+        c.matmul_reference(&xk, &mut rc);
+        for (got, want) in [(&oa, &ra), (&ob, &rb), (&oc, &rc)] {
+            for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "#{i}: {g} vs {w}");
+            }
+        }
+        // A matrix without the input of its kind is refused, not skipped.
+        let mut out = vec![0f32; 12];
+        assert!(matvecs(Some(&x8), None, &mut [(Packed::U4(&c), &mut out)]).is_err());
+        let mut short = vec![0f32; 7];
+        assert!(matvecs(Some(&x8), None, &mut [(Packed::Q8(&b), &mut short)]).is_err());
     }
 
     #[test]

@@ -52,6 +52,22 @@ impl KvCache {
         self.start + self.len
     }
 
+    /// Appends one position's keys and values (`heads` rows each, on the CPU).
+    pub(crate) fn append_one(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        heads: usize,
+        pos: usize,
+    ) -> Result<CachedKv> {
+        if heads == 0 || !k.len().is_multiple_of(heads) || !v.len().is_multiple_of(heads) {
+            candle_core::bail!("{} keys and {} values for {heads} heads", k.len(), v.len());
+        }
+        let k = Tensor::from_slice(k, (1, heads, 1, k.len() / heads), &Device::Cpu)?;
+        let v = Tensor::from_slice(v, (1, heads, 1, v.len() / heads), &Device::Cpu)?;
+        self.append(&k, &v, pos)
+    }
+
     /// Appends `k`, `v` of shape (1, n_kv_heads, L, d) for positions `pos .. pos + L`.
     pub(crate) fn append(&mut self, k: &Tensor, v: &Tensor, pos: usize) -> Result<CachedKv> {
         if pos != self.next_pos() {

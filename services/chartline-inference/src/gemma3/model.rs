@@ -32,8 +32,10 @@ use super::kv_cache::KvCache;
 
 /// cos/sin tables (max_positions, head_dim / 2) for one RoPE base and scale.
 pub(crate) struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+    device: Device,
 }
 
 impl Rope {
@@ -60,17 +62,45 @@ impl Rope {
             }
         }
         Ok(Rope {
-            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
+            cos,
+            sin,
+            half,
+            device: device.clone(),
         })
+    }
+
+    /// The (cos, sin) rows of positions `pos .. pos + l`.
+    fn rows(&self, pos: usize, l: usize) -> Result<(&[f32], &[f32])> {
+        let range = pos * self.half..(pos + l) * self.half;
+        match (self.cos.get(range.clone()), self.sin.get(range)) {
+            (Some(c), Some(s)) => Ok((c, s)),
+            _ => candle_core::bail!("RoPE tables end before position {}", pos + l),
+        }
     }
 
     /// Rotates `x` of shape (1, L, heads, head_dim) for positions `pos .. pos + L`.
     fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let l = x.dim(1)?;
-        let cos = self.cos.narrow(0, pos, l)?;
-        let sin = self.sin.narrow(0, pos, l)?;
+        let (cos, sin) = self.rows(pos, l)?;
+        let cos = Tensor::from_slice(cos, (l, self.half), &self.device)?;
+        let sin = Tensor::from_slice(sin, (l, self.half), &self.device)?;
         candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)
+    }
+
+    /// Rotates the heads of one position in place (`x` = heads × head_dim values), with the
+    /// arithmetic of candle's `rope_thd`: `(a, b) → (a·cos − b·sin, a·sin + b·cos)` for
+    /// `a = x[i]`, `b = x[i + head_dim/2]`.
+    fn rotate(&self, x: &mut [f32], pos: usize) -> Result<()> {
+        let (cos, sin) = self.rows(pos, 1)?;
+        for head in x.chunks_exact_mut(2 * self.half) {
+            let (a, b) = head.split_at_mut(self.half);
+            for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+                let (x1, x2) = (*a, *b);
+                *a = x1 * c - x2 * s;
+                *b = x1 * s + x2 * c;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -237,6 +267,46 @@ pub struct Gemma3 {
     device: Device,
     /// The vision tower and projector of a multimodal checkpoint.
     vision: Option<Box<super::multimodal::Vision>>,
+    /// f32 copies of the norm weights for one-token steps on plain slices (CPU only; see
+    /// [`Gemma3::forward_one`]).
+    step_norms: Option<StepNorms>,
+    /// Buffers reused by one-token steps.
+    scratch: Scratch,
+}
+
+/// RMSNorm weights as f32 slices: per layer, then the final norm.
+struct StepNorms {
+    layers: Vec<LayerNorms>,
+    last: Vec<f32>,
+}
+
+struct LayerNorms {
+    attn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    post_attn: Vec<f32>,
+    ffn: Vec<f32>,
+    post_ffn: Vec<f32>,
+}
+
+/// Working buffers of a one-token step (sized on first use).
+#[derive(Default)]
+struct Scratch {
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+    /// Per range of keys: each head's max score, sum of exponentials and weighted values.
+    parts: Vec<f32>,
+}
+
+fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
 impl Gemma3 {
@@ -275,7 +345,30 @@ impl Gemma3 {
                 KvCache::new(window, max_positions)
             })
             .collect();
+        let step_norms = if device.is_cpu() {
+            let layers = layers
+                .iter()
+                .map(|l| {
+                    Ok(LayerNorms {
+                        attn: f32_values(&l.attn_norm)?,
+                        q: f32_values(&l.q_norm)?,
+                        k: f32_values(&l.k_norm)?,
+                        post_attn: f32_values(&l.post_attn_norm)?,
+                        ffn: f32_values(&l.ffn_norm)?,
+                        post_ffn: f32_values(&l.post_ffn_norm)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(StepNorms {
+                layers,
+                last: f32_values(&final_norm)?,
+            })
+        } else {
+            None
+        };
         Ok(Gemma3 {
+            step_norms,
+            scratch: Scratch::default(),
             cfg,
             embed: embed.into(),
             lm_head: lm_head.into(),
@@ -374,6 +467,14 @@ impl Gemma3 {
                 );
             }
         }
+        if let ([token], true, true, true) = (
+            tokens,
+            images.is_empty(),
+            spans.is_empty(),
+            self.step_norms.is_some(),
+        ) {
+            return self.forward_one(*token, pos);
+        }
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = (self.embed.lookup(&ids)? * (self.cfg.hidden_size as f64).sqrt())?;
         if !images.is_empty() {
@@ -414,6 +515,100 @@ impl Gemma3 {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
         logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+    }
+
+    /// One new token (decoding) on the CPU, on plain f32 slices: the same arithmetic as the
+    /// general path (norms, RoPE and residuals written out as candle computes them), without
+    /// the ~35 tensor operations per layer whose set-up costs more than their work for one
+    /// row. Projections that read the same input share one quantization and one pass over
+    /// the worker pool ([`project_into`]), and attention runs over the cached keys and
+    /// values in place ([`attend_step`]).
+    fn forward_one(&mut self, token: u32, pos: usize) -> Result<Vec<f32>> {
+        let Some(norms) = &self.step_norms else {
+            candle_core::bail!("one-token steps need the model on the CPU");
+        };
+        let cfg = &self.cfg;
+        let eps = cfg.rms_eps as f32;
+        let (nh, nkv, hd, vd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.value_dim);
+        let hidden = cfg.hidden_size;
+        let s = &mut self.scratch;
+        let mut x = match &self.embed {
+            Embedding::Q8(m) => m.rows(&[token])?,
+            embed => f32_values(&embed.lookup(&Tensor::new(&[token], &self.device)?)?)?,
+        };
+        if x.len() != hidden {
+            candle_core::bail!(
+                "embedding row of {} values for hidden size {hidden}",
+                x.len()
+            );
+        }
+        let scale = (hidden as f64).sqrt() as f32;
+        x.iter_mut().for_each(|v| *v *= scale);
+        let q_scale = (1.0 / cfg.query_pre_attn_scalar.sqrt()) as f32;
+        for (i, (layer, n)) in self.layers.iter().zip(&norms.layers).enumerate() {
+            let global = cfg.is_global(i);
+            let (rope, window) = if global {
+                (&self.rope_global, None)
+            } else {
+                (&self.rope_local, cfg.sliding_window)
+            };
+            rms_norm_into(&x, &n.attn, eps, &mut s.h);
+            project_into(
+                &s.h,
+                &mut [
+                    (&layer.wq, &mut s.q, nh * hd),
+                    (&layer.wk, &mut s.k, nkv * hd),
+                    (&layer.wv, &mut s.v, nkv * vd),
+                ],
+            )?;
+            for head in s.q.chunks_exact_mut(hd) {
+                rms_norm_in_place(head, &n.q, eps);
+            }
+            for head in s.k.chunks_exact_mut(hd) {
+                rms_norm_in_place(head, &n.k, eps);
+            }
+            rope.rotate(&mut s.q, pos)?;
+            s.q.iter_mut().for_each(|v| *v *= q_scale);
+            rope.rotate(&mut s.k, pos)?;
+            let kv = self.caches[i].append_one(&s.k, &s.v, nkv, pos)?;
+            let first_visible = window
+                .map_or(0, |w| (pos + 1).saturating_sub(w))
+                .max(kv.start);
+            let skip = first_visible - kv.start;
+            let t = kv.k.dim(2)? - skip;
+            s.attn.resize(nh * vd, 0.0);
+            if !attend_step(
+                &s.q,
+                &kv.k.narrow(2, skip, t)?,
+                &kv.v.narrow(2, skip, t)?,
+                cfg.group_size(),
+                &mut s.attn,
+                &mut s.parts,
+            )? {
+                candle_core::bail!("the key/value cache is not plain f32 on the CPU");
+            }
+            project_into(&s.attn, &mut [(&layer.wo, &mut s.o, hidden)])?;
+            add_rms_norm(&mut x, &s.o, &n.post_attn, eps);
+
+            rms_norm_into(&x, &n.ffn, eps, &mut s.h);
+            let ffn = cfg.ffn_dim;
+            project_into(
+                &s.h,
+                &mut [(&layer.gate, &mut s.gate, ffn), (&layer.up, &mut s.up, ffn)],
+            )?;
+            kernels::gelu_tanh_mul(&mut s.gate, &s.up);
+            project_into(&s.gate, &mut [(&layer.down, &mut s.down, hidden)])?;
+            add_rms_norm(&mut x, &s.down, &n.post_ffn, eps);
+        }
+        rms_norm_into(&x, &norms.last, eps, &mut s.h);
+        let vocab = self.cfg.vocab_size;
+        let mut logits = Vec::new();
+        project_into(&s.h, &mut [(&self.lm_head, &mut logits, vocab)])?;
+        if let Some(cap) = self.cfg.final_logit_softcapping {
+            let (inv, cap) = ((1.0 / cap) as f32, cap as f32);
+            logits.iter_mut().for_each(|v| *v = (*v * inv).tanh() * cap);
+        }
+        Ok(logits)
     }
 }
 
@@ -600,113 +795,215 @@ fn cached_row(data: &[f32], base: usize, stride: usize, j: usize, d: usize) -> R
 /// not depend on the number of threads.
 const KEYS_PER_ITEM: usize = 64;
 
-/// Attention of one new token (L = 1) on the CPU with Chartline's f32 kernels: every cached
-/// key is visible to it (the caller drops keys outside the window), so no mask. Each key
-/// and value row is read once for the query heads of its group, and ranges of keys are
-/// spread over candle's worker pool (partial sums added in a fixed order). `None` when the
-/// tensors are not plain CPU f32 with contiguous rows (candle's path then runs).
+/// Attention of one new token (L = 1) over tensors: [`attend_step`] on the query's values.
+/// `None` when the tensors are not plain CPU f32 with contiguous rows (candle's path then
+/// runs).
 fn attend_one(q: &Tensor, keys: &Tensor, values: &Tensor, g: usize) -> Result<Option<Tensor>> {
-    use std::sync::{Mutex, PoisonError};
-    let (_, nh, l, hd) = q.dims4()?;
-    let (_, nkv, t, vd) = values.dims4()?;
-    if l != 1
-        || !q.device().is_cpu()
-        || q.dtype() != DType::F32
-        || t == 0
-        || g == 0
-        || g > kernels::MAX_HEADS
-        || nh != nkv * g
-    {
+    let (_, nh, l, _) = q.dims4()?;
+    let (_, nkv, _, vd) = values.dims4()?;
+    if l != 1 || !q.device().is_cpu() || q.dtype() != DType::F32 || nh != nkv * g {
         return Ok(None);
     }
     let q = q.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; nh * vd];
+    if !attend_step(&q, keys, values, g, &mut out, &mut Vec::new())? {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(out, (1, 1, nh * vd), &Device::Cpu)?))
+}
+
+/// Attention of one new token on the CPU with Chartline's f32 kernels: queries `q`
+/// (heads × head_dim, heads of one key/value group adjacent) over every cached key
+/// (1, nkv, T, head_dim) and value (1, nkv, T, value_dim) given (the caller drops keys
+/// outside the window, so no mask), into `out` (heads × value_dim).
+///
+/// One pass over candle's worker pool: each work item takes one group's keys in a fixed
+/// range of [`KEYS_PER_ITEM`], reads each key and value row once for all the query heads
+/// that share it, and keeps per head its largest score, the sum of `exp(score − largest)`
+/// and the weighted sum of values (`parts`, reused between calls). The items are then
+/// combined in order, rescaled to the overall largest score: the softmax-weighted sum of
+/// values, with sums that do not depend on the number of threads. Returns `false` when the
+/// tensors are not plain CPU f32 with contiguous rows.
+// Keys are indexed across the heads' score rows ([head][key]); an iterator per row would
+// not read better.
+#[allow(clippy::needless_range_loop)]
+fn attend_step(
+    q: &[f32],
+    keys: &Tensor,
+    values: &Tensor,
+    g: usize,
+    out: &mut [f32],
+    parts: &mut Vec<f32>,
+) -> Result<bool> {
+    use std::sync::{Mutex, PoisonError};
+    let (_, nkv, t, hd) = keys.dims4()?;
+    let vd = values.dim(3)?;
+    if t == 0
+        || g == 0
+        || g > kernels::MAX_HEADS
+        || values.dim(2)? != t
+        || q.len() != nkv * g * hd
+        || out.len() != nkv * g * vd
+        || keys.dtype() != DType::F32
+        || values.dtype() != DType::F32
+    {
+        return Ok(false);
+    }
     let (key_storage, kl) = keys.storage_and_layout();
     let (value_storage, vl) = values.storage_and_layout();
     let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*key_storage, &*value_storage) else {
-        return Ok(None);
+        return Ok(false);
     };
     let (Ok(kdata), Ok(vdata)) = (kc.as_slice::<f32>(), vc.as_slice::<f32>()) else {
-        return Ok(None);
+        return Ok(false);
     };
     let (ks, vs) = (kl.stride(), vl.stride());
     if ks.len() != 4 || vs.len() != 4 || ks[3] != 1 || vs[3] != 1 {
-        return Ok(None);
+        return Ok(false);
     }
-    let pool = candle_core::utils::barrier_pool();
     let items = t.div_ceil(KEYS_PER_ITEM);
-    let mut out = vec![0f32; nh * vd];
+    // Per item: max score per head, sum of exponentials per head, weighted values per head.
+    let part = g * (2 + vd);
+    parts.clear();
+    parts.resize(nkv * items * part, 0.0);
+    let pieces: Vec<Mutex<&mut [f32]>> = parts.chunks_mut(part).map(Mutex::new).collect();
+    let failed = Mutex::new(None);
+    candle_core::utils::barrier_pool().execute_chunked(nkv * items, |range| {
+        // Scores of the item's keys, [head][key].
+        let mut scores = [[0f32; KEYS_PER_ITEM]; kernels::MAX_HEADS];
+        let mut s = [0f32; kernels::MAX_HEADS];
+        for c in range {
+            let (kv, item) = (c / items, c % items);
+            let qg = &q[kv * g * hd..(kv + 1) * g * hd];
+            let (kbase, vbase) = (
+                kl.start_offset() + kv * ks[1],
+                vl.start_offset() + kv * vs[1],
+            );
+            let first = item * KEYS_PER_ITEM;
+            let n = KEYS_PER_ITEM.min(t - first);
+            let mut piece = pieces[c].lock().unwrap_or_else(PoisonError::into_inner);
+            let (stats, acc) = piece.split_at_mut(2 * g);
+            for i in 0..n {
+                match cached_row(kdata, kbase, ks[2], first + i, hd) {
+                    Ok(k) => kernels::dots(qg, k, &mut s[..g]),
+                    Err(e) => {
+                        *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                        return;
+                    }
+                }
+                for (h, &v) in s[..g].iter().enumerate() {
+                    scores[h][i] = v;
+                }
+            }
+            for (h, row) in scores[..g].iter_mut().enumerate() {
+                let row = &mut row[..n];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                stats[g + h] = kernels::exp_shifted_sum(row, max);
+                stats[h] = max;
+            }
+            for i in 0..n {
+                match cached_row(vdata, vbase, vs[2], first + i, vd) {
+                    Ok(v) => {
+                        for (h, p) in s[..g].iter_mut().enumerate() {
+                            *p = scores[h][i];
+                        }
+                        kernels::axpys(acc, &s[..g], v);
+                    }
+                    Err(e) => {
+                        *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    drop(pieces);
+    if let Some(e) = failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        return Err(e);
+    }
     for (kv, out) in out.chunks_exact_mut(g * vd).enumerate() {
-        let qg = &q[kv * g * hd..(kv + 1) * g * hd];
-        let (kbase, vbase) = (
-            kl.start_offset() + kv * ks[1],
-            vl.start_offset() + kv * vs[1],
-        );
-        // Scores, [key][head].
-        let mut scores = vec![0f32; t * g];
-        let pieces: Vec<Mutex<&mut [f32]>> = scores
-            .chunks_mut(KEYS_PER_ITEM * g)
-            .map(Mutex::new)
-            .collect();
-        let failed = Mutex::new(None);
-        pool.execute_chunked(items, |range| {
-            for c in range {
-                let mut piece = pieces[c].lock().unwrap_or_else(PoisonError::into_inner);
-                for (i, s) in piece.chunks_exact_mut(g).enumerate() {
-                    match cached_row(kdata, kbase, ks[2], c * KEYS_PER_ITEM + i, hd) {
-                        Ok(k) => kernels::dots(qg, k, s),
-                        Err(e) => *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e),
-                    }
-                }
-            }
-        });
-        drop(pieces);
-        if let Some(e) = failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
-            return Err(e);
-        }
-        // Softmax per head as candle's `softmax_last_dim`: shift by the max, exponentiate,
-        // normalise.
-        for h in 0..g {
-            let max = scores
-                .iter()
-                .skip(h)
-                .step_by(g)
-                .copied()
+        let group = &parts[kv * items * part..(kv + 1) * items * part];
+        for (h, out) in out.chunks_exact_mut(vd).enumerate() {
+            let max = group
+                .chunks_exact(part)
+                .map(|p| p[h])
                 .fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut().skip(h).step_by(g) {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            for s in scores.iter_mut().skip(h).step_by(g) {
-                *s /= sum;
-            }
-        }
-        // Weighted values: each item sums its keys' rows into its own partial output.
-        let parts: Vec<Mutex<Vec<f32>>> =
-            (0..items).map(|_| Mutex::new(vec![0f32; g * vd])).collect();
-        let failed = Mutex::new(None);
-        pool.execute_chunked(items, |range| {
-            for c in range {
-                let mut acc = parts[c].lock().unwrap_or_else(PoisonError::into_inner);
-                for j in c * KEYS_PER_ITEM..((c + 1) * KEYS_PER_ITEM).min(t) {
-                    match cached_row(vdata, vbase, vs[2], j, vd) {
-                        Ok(v) => kernels::axpys(&mut acc, &scores[j * g..(j + 1) * g], v),
-                        Err(e) => *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e),
-                    }
+            out.fill(0.0);
+            let mut total = 0f32;
+            for p in group.chunks_exact(part) {
+                let w = (p[h] - max).exp();
+                total += w * p[g + h];
+                for (o, a) in out.iter_mut().zip(&p[2 * g + h * vd..2 * g + (h + 1) * vd]) {
+                    *o += w * a;
                 }
             }
-        });
-        if let Some(e) = failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
-            return Err(e);
+            out.iter_mut().for_each(|o| *o /= total);
         }
-        for part in parts {
-            let part = part.into_inner().unwrap_or_else(PoisonError::into_inner);
-            for (o, p) in out.iter_mut().zip(&part) {
-                *o += p;
+    }
+    Ok(true)
+}
+
+/// `out = rms_norm(x) · w`, as candle's `rms_norm`: `x / sqrt(mean(x²) + eps) · w`.
+fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
+    let m = rms(x, eps);
+    out.clear();
+    out.extend(x.iter().zip(w).map(|(v, w)| v / m * w));
+}
+
+/// [`rms_norm_into`] in place.
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let m = rms(x, eps);
+    x.iter_mut().zip(w).for_each(|(v, w)| *v = *v / m * w);
+}
+
+/// `x += rms_norm(y) · w` (a residual connection after a normed branch).
+fn add_rms_norm(x: &mut [f32], y: &[f32], w: &[f32], eps: f32) {
+    let m = rms(y, eps);
+    x.iter_mut()
+        .zip(y.iter().zip(w))
+        .for_each(|(x, (v, w))| *x += v / m * w);
+}
+
+/// `sqrt(mean(x²) + eps)`, summed in order as candle does.
+fn rms(x: &[f32], eps: f32) -> f32 {
+    let sum2 = x.iter().map(|v| v * v).sum::<f32>();
+    (sum2 / x.len() as f32 + eps).sqrt()
+}
+
+/// `out_j = x · w_jᵀ` (`n_j` values each) for weights that read the same one-row input:
+/// the input is quantized once per kind the weights need (Q8_0, Q8_K) and Chartline's
+/// matrices are multiplied in one pass over the worker pool ([`kernels::matvecs`]); a
+/// candle weight takes the tensor path.
+fn project_into(x: &[f32], jobs: &mut [(&Weight, &mut Vec<f32>, usize)]) -> Result<()> {
+    let k = x.len();
+    let needs = |kind: fn(&Weight) -> bool| jobs.iter().any(|(w, ..)| kind(w));
+    let x8 = if needs(|w| matches!(w, Weight::Q8(_))) {
+        Some(Q8Input::quantize(x, 1, k)?)
+    } else {
+        None
+    };
+    let xk = if needs(|w| matches!(w, Weight::U4(_))) {
+        Some(Q8Input::quantize_k(x, 1, k)?)
+    } else {
+        None
+    };
+    let mut packed = Vec::with_capacity(jobs.len());
+    for (w, out, n) in jobs.iter_mut() {
+        out.resize(*n, 0.0);
+        match w {
+            Weight::Q8(m) => packed.push((kernels::Packed::Q8(m), out.as_mut_slice())),
+            Weight::U4(m) => packed.push((kernels::Packed::U4(m), out.as_mut_slice())),
+            Weight::Candle(_) => {
+                let y = project(w, &Tensor::from_slice(x, (1, k), &Device::Cpu)?)?;
+                let y = y.flatten_all()?.to_vec1::<f32>()?;
+                if y.len() != *n {
+                    candle_core::bail!("projection gave {} values, {n} expected", y.len());
+                }
+                out.copy_from_slice(&y);
             }
         }
     }
-    Ok(Some(Tensor::from_vec(out, (1, 1, nh * vd), &Device::Cpu)?))
+    kernels::matvecs(x8.as_ref(), xk.as_ref(), &mut packed)
 }
 
 #[cfg(test)]
