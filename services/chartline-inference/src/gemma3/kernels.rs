@@ -281,22 +281,24 @@ impl Q8Matrix {
         let at = g * self.nb * ROWS;
         let sums = match &self.q5 {
             Some(q5) => unsafe {
-                avx2::tile_q5(
+                tile_q5(
                     q5.scales[at..].as_ptr(),
                     q5.qh[at..].as_ptr(),
                     q5.qs[at..].as_ptr(),
                     self.nb,
                     x.scales_at(0),
                     x.blocks_at(0),
+                    x.bias_at(0),
                 )
             },
             None => unsafe {
-                avx2::tile::<1>(
+                tile::<1>(
                     self.scales[at..].as_ptr(),
                     self.qs[at..].as_ptr(),
                     self.nb,
                     x.scales_at(0),
                     x.blocks_at(0),
+                    x.bias_at(0),
                 )[0]
             },
         };
@@ -312,17 +314,20 @@ impl Q8Matrix {
         let col = g * ROWS;
         let mut t = 0;
         while t + TILE_M <= m {
-            let sums = unsafe { avx2::tile::<TILE_M>(ws, wq, nb, x.scales_at(t), x.blocks_at(t)) };
+            let sums =
+                unsafe { tile::<TILE_M>(ws, wq, nb, x.scales_at(t), x.blocks_at(t), x.bias_at(t)) };
             unsafe { store(out, n, t, col, &sums) };
             t += TILE_M;
         }
         match m - t {
             2 => {
-                let sums = unsafe { avx2::tile::<2>(ws, wq, nb, x.scales_at(t), x.blocks_at(t)) };
+                let sums =
+                    unsafe { tile::<2>(ws, wq, nb, x.scales_at(t), x.blocks_at(t), x.bias_at(t)) };
                 unsafe { store(out, n, t, col, &sums) };
             }
             1 => {
-                let sums = unsafe { avx2::tile::<1>(ws, wq, nb, x.scales_at(t), x.blocks_at(t)) };
+                let sums =
+                    unsafe { tile::<1>(ws, wq, nb, x.scales_at(t), x.blocks_at(t), x.bias_at(t)) };
                 unsafe { store(out, n, t, col, &sums) };
             }
             _ => {}
@@ -520,7 +525,7 @@ impl U4Matrix {
                     // columns `4g .. 4g + 4` of those output rows are this group's alone.
                     unsafe {
                         while t + TILE_M <= m {
-                            let sums = avx2::tile_u4::<TILE_M>(
+                            let sums = tile_u4::<TILE_M>(
                                 w,
                                 nb,
                                 x.scales_at(t),
@@ -532,7 +537,7 @@ impl U4Matrix {
                         }
                         match m - t {
                             2 => {
-                                let sums = avx2::tile_u4::<2>(
+                                let sums = tile_u4::<2>(
                                     w,
                                     nb,
                                     x.scales_at(t),
@@ -542,7 +547,7 @@ impl U4Matrix {
                                 store(out_ptr.0, n, t, g * ROWS, &sums);
                             }
                             1 => {
-                                let sums = avx2::tile_u4::<1>(
+                                let sums = tile_u4::<1>(
                                     w,
                                     nb,
                                     x.scales_at(t),
@@ -576,7 +581,7 @@ impl U4Matrix {
             self.qs[at..].as_ptr(),
         );
         let sums =
-            unsafe { avx2::tile_u4::<1>(w, self.nb, x.scales_at(0), x.sums_at(0), x.blocks_at(0)) };
+            unsafe { tile_u4::<1>(w, self.nb, x.scales_at(0), x.sums_at(0), x.blocks_at(0)) };
         unsafe { store(out, self.n, 0, g * ROWS, &sums) };
     }
 
@@ -741,9 +746,42 @@ pub(crate) struct Q8Input {
     qs: Vec<Block>,
     /// Σ of each block's quantized values (for matrices with offsets, see [`U4Matrix`]).
     sums: Vec<f32>,
+    /// On CPUs with VNNI: per block, `−128 ×` the sum of each 4 consecutive values, i.e. of
+    /// each 32-bit lane of a byte dot product. Seeding the dot product of weights read as
+    /// `w + 128` (unsigned) with it gives `Σ w·x` exactly, without sign tricks.
+    bias: Vec<[i32; 8]>,
 }
 
 impl Q8Input {
+    fn new(m: usize, k: usize, scales: Vec<f32>, qs: Vec<Block>) -> Self {
+        let sums = block_sums(&qs);
+        #[cfg(target_arch = "x86_64")]
+        let bias = if vnni() {
+            qs.iter()
+                .map(|b| {
+                    let mut lanes = [0i32; 8];
+                    for (l, four) in lanes.iter_mut().zip(b.0.chunks_exact(4)) {
+                        *l = -128 * four.iter().map(|&v| i32::from(v)).sum::<i32>();
+                    }
+                    lanes
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let bias = Vec::new();
+        Q8Input {
+            m,
+            k,
+            nb: k / QK,
+            scales,
+            qs,
+            sums,
+            bias,
+        }
+    }
+
     /// Quantizes `x` (m rows of k values; k a multiple of 32).
     pub(crate) fn quantize(x: &[f32], m: usize, k: usize) -> candle_core::Result<Self> {
         if !k.is_multiple_of(QK) || x.len() != m * k {
@@ -758,28 +796,12 @@ impl Q8Input {
                 // SAFETY: the kernels were detected; `chunk` holds 32 values.
                 *s = unsafe { avx2::quantize_block(chunk.as_ptr(), &mut q.0) };
             }
-            let sums = block_sums(&qs);
-            return Ok(Q8Input {
-                m,
-                k,
-                nb,
-                scales,
-                qs,
-                sums,
-            });
+            return Ok(Q8Input::new(m, k, scales, qs));
         }
         for ((chunk, s), q) in x.chunks_exact(QK).zip(&mut scales).zip(&mut qs) {
             *s = quantize_block_reference(chunk, &mut q.0);
         }
-        let sums = block_sums(&qs);
-        Ok(Q8Input {
-            m,
-            k,
-            nb,
-            scales,
-            qs,
-            sums,
-        })
+        Ok(Q8Input::new(m, k, scales, qs))
     }
 
     /// Quantizes `x` (m rows of k values; k a multiple of 256) as llama.cpp's Q8_K, the
@@ -826,15 +848,7 @@ impl Q8Input {
             }
             s.fill(1.0 / iscale);
         }
-        let sums = block_sums(&qs);
-        Ok(Q8Input {
-            m,
-            k,
-            nb,
-            scales,
-            qs,
-            sums,
-        })
+        Ok(Q8Input::new(m, k, scales, qs))
     }
 
     /// Rows.
@@ -848,6 +862,12 @@ impl Q8Input {
 
     fn blocks_at(&self, t: usize) -> *const Block {
         self.qs[t * self.nb..].as_ptr()
+    }
+
+    /// Row `t`'s lane biases (see `bias`); dangling and never read where the CPU has no
+    /// VNNI (the vector is then empty).
+    fn bias_at(&self, t: usize) -> *const [i32; 8] {
+        self.bias.as_ptr().wrapping_add(t * self.nb)
     }
 
     fn sums_at(&self, t: usize) -> *const f32 {
@@ -964,9 +984,370 @@ fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
 }
 
+/// The tile kernels for one instruction set: `$dot!(u, s)` is the per-32-bit-lane sum of
+/// four products of unsigned bytes `u` with signed bytes `s`, as i32.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tiles {
+    ($features:literal, $dot:ident, $signed:ident, $signed_dot:ident, $q5_bias:ident, $q5_dot:ident) => {
+        /// Dot products of 4 weight rows (scales `ws`, blocks `wq`, `[block][row]`) with `R`
+        /// activation rows (scales `xs`, blocks `xq`, `nb` blocks apart): `[row j][weight r]`.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn tile<const R: usize>(
+            ws: *const u16,
+            wq: *const Block,
+            nb: usize,
+            xs: *const f32,
+            xq: *const Block,
+            xl: *const [i32; 8],
+        ) -> [[f32; ROWS]; R] {
+            let mut acc = [[_mm256_setzero_ps(); ROWS]; R];
+            for b in 0..nb {
+                let dw = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(ws.add(b * ROWS).cast()) });
+                let mut d = [[0f32; ROWS]; R];
+                for (j, dj) in d.iter_mut().enumerate() {
+                    let dx = unsafe { *xs.add(j * nb + b) };
+                    unsafe { _mm_storeu_ps(dj.as_mut_ptr(), _mm_mul_ps(dw, _mm_set1_ps(dx))) };
+                }
+                for r in 0..ROWS {
+                    let w = unsafe { _mm256_load_si256(wq.add(b * ROWS + r).cast()) };
+                    let aw = $signed!(w);
+                    for j in 0..R {
+                        let x = unsafe { _mm256_load_si256(xq.add(j * nb + b).cast()) };
+                        let dot = $signed_dot!(aw, w, x, xl.wrapping_add(j * nb + b));
+                        acc[j][r] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(dot),
+                            _mm256_broadcast_ss(&d[j][r]),
+                            acc[j][r],
+                        );
+                    }
+                }
+            }
+            let mut out = [[0f32; ROWS]; R];
+            for (o, a) in out.iter_mut().zip(&acc) {
+                for (v, s) in o.iter_mut().zip(a) {
+                    *v = hsum(*s);
+                }
+            }
+            out
+        }
+
+        /// As [`tile`] for a [`super::U4Matrix`] group (`w` = scales, offsets, nibbles):
+        /// `Σ_b a·dx·Σ q·x − Σ_b b·dx·Σ x` per (activation row, weight row).
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn tile_u4<const R: usize>(
+            w: (*const f32, *const f32, *const [u8; 16]),
+            nb: usize,
+            xs: *const f32,
+            xsum: *const f32,
+            xq: *const Block,
+        ) -> [[f32; ROWS]; R] {
+            let (wa, wb, wq) = w;
+            let low = _mm256_set1_epi8(0x0F);
+            let mut acc = [[_mm256_setzero_ps(); ROWS]; R];
+            let mut off = [_mm_setzero_ps(); R];
+            for b in 0..nb {
+                let (a4, b4) = unsafe {
+                    (
+                        _mm_loadu_ps(wa.add(b * ROWS)),
+                        _mm_loadu_ps(wb.add(b * ROWS)),
+                    )
+                };
+                let mut d = [[0f32; ROWS]; R];
+                for (j, dj) in d.iter_mut().enumerate() {
+                    let (dx, sx) = unsafe { (*xs.add(j * nb + b), *xsum.add(j * nb + b)) };
+                    unsafe { _mm_storeu_ps(dj.as_mut_ptr(), _mm_mul_ps(a4, _mm_set1_ps(dx))) };
+                    off[j] = _mm_fmadd_ps(b4, _mm_set1_ps(dx * sx), off[j]);
+                }
+                for r in 0..ROWS {
+                    let nibbles = unsafe { _mm_loadu_si128(wq.add(b * ROWS + r).cast()) };
+                    let q = _mm256_and_si256(
+                        _mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles),
+                        low,
+                    );
+                    for j in 0..R {
+                        let x = unsafe { _mm256_load_si256(xq.add(j * nb + b).cast()) };
+                        let dot = $dot!(q, x);
+                        acc[j][r] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(dot),
+                            _mm256_broadcast_ss(&d[j][r]),
+                            acc[j][r],
+                        );
+                    }
+                }
+            }
+            let mut out = [[0f32; ROWS]; R];
+            for ((o, a), off) in out.iter_mut().zip(&acc).zip(&off) {
+                let mut offs = [0f32; ROWS];
+                unsafe { _mm_storeu_ps(offs.as_mut_ptr(), *off) };
+                for ((v, s), c) in o.iter_mut().zip(a).zip(offs) {
+                    *v = hsum(*s) - c;
+                }
+            }
+            out
+        }
+
+        /// As [`tile`] with one activation row, for Q5_0 weights (scales `ws`, high bits `wh`,
+        /// nibbles `wq`): each block is widened to signed bytes in registers, as llama.cpp's
+        /// AVX2 Q5_0 dot product does, then multiplied exactly as Q8_0.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn tile_q5(
+            ws: *const u16,
+            wh: *const u32,
+            wq: *const [u8; 16],
+            nb: usize,
+            xs: *const f32,
+            xq: *const Block,
+            xl: *const [i32; 8],
+        ) -> [f32; ROWS] {
+            let low = _mm256_set1_epi8(0x0F);
+            let spread = _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            );
+            let bit_mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+            let all = _mm256_set1_epi64x(-1);
+            let mut acc = [_mm256_setzero_ps(); ROWS];
+            for b in 0..nb {
+                let dw = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(ws.add(b * ROWS).cast()) });
+                let mut d = [0f32; ROWS];
+                let dx = unsafe { *xs.add(b) };
+                unsafe { _mm_storeu_ps(d.as_mut_ptr(), _mm_mul_ps(dw, _mm_set1_ps(dx))) };
+                let x = unsafe { _mm256_load_si256(xq.add(b).cast()) };
+                let bias = $q5_bias!(xl.wrapping_add(b));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let (bits, nibbles) = unsafe {
+                        (
+                            *wh.add(b * ROWS + r) as i32,
+                            _mm_loadu_si128(wq.add(b * ROWS + r).cast()),
+                        )
+                    };
+                    // Nibbles: low halves are values 0..16, high halves values 16..32.
+                    let q = _mm256_and_si256(
+                        _mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles),
+                        low,
+                    );
+                    // Byte i = 0xFF where bit i is set.
+                    let set = _mm256_cmpeq_epi8(
+                        _mm256_or_si256(
+                            _mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread),
+                            bit_mask,
+                        ),
+                        all,
+                    );
+                    let dot = $q5_dot!(q, set, x, bias);
+                    *acc =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(&d[r]), *acc);
+                }
+            }
+            let mut out = [0f32; ROWS];
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = hsum(*a);
+            }
+            out
+        }
+    };
+}
+
+/// `madd(maddubs(u, s), 1)`: AVX2 (the pairwise i16 sums cannot saturate here: weights
+/// and activations stay within ±127, or 4-bit weights).
+#[cfg(target_arch = "x86_64")]
+macro_rules! dot_avx2 {
+    ($u:expr, $s:expr) => {
+        _mm256_madd_epi16(_mm256_maddubs_epi16($u, $s), _mm256_set1_epi16(1))
+    };
+}
+
+/// Signed Q8_0 weights `w` against activations `x`, AVX2: `|w|` (per weight block) times
+/// `x` with the sign of `w`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! signed_avx2 {
+    ($w:expr) => {
+        _mm256_sign_epi8($w, $w)
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! signed_dot_avx2 {
+    ($aw:expr, $w:expr, $x:expr, $bias:expr) => {{
+        let _ = $bias;
+        dot_avx2!($aw, _mm256_sign_epi8($x, $w))
+    }};
+}
+
+/// Q5_0 in AVX2: `(nibble | bit << 4) − 16 == nibble | (bit ? 0 : 0xF0)` as signed bytes,
+/// then as [`signed_dot_avx2`].
+#[cfg(target_arch = "x86_64")]
+macro_rules! q5_bias_avx2 {
+    ($bias:expr) => {{
+        let _ = $bias;
+        _mm256_setzero_si256()
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! q5_dot_avx2 {
+    ($q:expr, $set:expr, $x:expr, $bias:expr) => {{
+        let w = _mm256_or_si256(
+            $q,
+            _mm256_andnot_si256($set, _mm256_set1_epi8(0xF0u8 as i8)),
+        );
+        signed_dot_avx2!(_mm256_sign_epi8(w, w), w, $x, $bias)
+    }};
+}
+
+/// Signed Q8_0 weights with VNNI: read as `w + 128` (unsigned, one xor per weight block)
+/// and the dot product seeded with the activation block's `−128 · Σx` per lane
+/// ([`Q8Input::bias`]): `Σ w·x` exactly, in one instruction per pair of blocks.
+#[cfg(target_arch = "x86_64")]
+macro_rules! signed_vnni {
+    ($w:expr) => {
+        _mm256_xor_si256($w, _mm256_set1_epi8(-128))
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! signed_dot_vnni {
+    ($uw:expr, $w:expr, $x:expr, $bias:expr) => {
+        _mm256_dpbusd_epi32(unsafe { _mm256_loadu_si256($bias.cast()) }, $uw, $x)
+    };
+}
+
+/// Q5_0 with VNNI: the unsigned `nibble | bit << 4` (0..32) against `x`, seeded with
+/// `−16 · Σx` per lane (the bias divided by 8, exact).
+#[cfg(target_arch = "x86_64")]
+macro_rules! q5_bias_vnni {
+    ($bias:expr) => {
+        _mm256_srai_epi32::<3>(unsafe { _mm256_loadu_si256($bias.cast()) })
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! q5_dot_vnni {
+    ($q:expr, $set:expr, $x:expr, $bias:expr) => {
+        _mm256_dpbusd_epi32(
+            $bias,
+            _mm256_or_si256($q, _mm256_and_si256($set, _mm256_set1_epi8(0x10))),
+            $x,
+        )
+    };
+}
+
+/// `dpbusd(0, u, s)`: the same sums in one instruction (AVX-512 VNNI on 256-bit vectors).
+#[cfg(target_arch = "x86_64")]
+macro_rules! dot_vnni {
+    ($u:expr, $s:expr) => {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), $u, $s)
+    };
+}
+
+/// Whether this CPU also has AVX-512 VNNI with 256-bit forms (checked once).
+#[cfg(target_arch = "x86_64")]
+fn vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| {
+        available()
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
+    })
+}
+
+/// Tile kernels with AVX2 alone.
+#[cfg(target_arch = "x86_64")]
+mod tiles_avx2 {
+    use super::avx2::hsum;
+    use super::{Block, ROWS};
+    use std::arch::x86_64::*;
+    tiles!(
+        "avx2,fma,f16c",
+        dot_avx2,
+        signed_avx2,
+        signed_dot_avx2,
+        q5_bias_avx2,
+        q5_dot_avx2
+    );
+}
+
+/// Tile kernels with AVX-512 VNNI's byte dot product.
+#[cfg(target_arch = "x86_64")]
+mod tiles_vnni {
+    use super::avx2::hsum;
+    use super::{Block, ROWS};
+    use std::arch::x86_64::*;
+    tiles!(
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        dot_vnni,
+        signed_vnni,
+        signed_dot_vnni,
+        q5_bias_vnni,
+        q5_dot_vnni
+    );
+}
+
+/// The tile kernels of the best instruction set this CPU has (see `tiles_avx2::tile`).
+///
+/// # Safety
+/// As the kernels': [`available`] must hold and the pointers cover the blocks read.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile<const R: usize>(
+    ws: *const u16,
+    wq: *const Block,
+    nb: usize,
+    xs: *const f32,
+    xq: *const Block,
+    xl: *const [i32; 8],
+) -> [[f32; ROWS]; R] {
+    if vnni() {
+        unsafe { tiles_vnni::tile::<R>(ws, wq, nb, xs, xq, xl) }
+    } else {
+        unsafe { tiles_avx2::tile::<R>(ws, wq, nb, xs, xq, xl) }
+    }
+}
+
+/// As [`tile`] for Q4_K groups (see `tiles_avx2::tile_u4`).
+///
+/// # Safety
+/// As [`tile`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_u4<const R: usize>(
+    w: (*const f32, *const f32, *const [u8; 16]),
+    nb: usize,
+    xs: *const f32,
+    xsum: *const f32,
+    xq: *const Block,
+) -> [[f32; ROWS]; R] {
+    if vnni() {
+        unsafe { tiles_vnni::tile_u4::<R>(w, nb, xs, xsum, xq) }
+    } else {
+        unsafe { tiles_avx2::tile_u4::<R>(w, nb, xs, xsum, xq) }
+    }
+}
+
+/// As [`tile`] for one activation row and Q5_0 groups (see `tiles_avx2::tile_q5`).
+///
+/// # Safety
+/// As [`tile`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_q5(
+    ws: *const u16,
+    wh: *const u32,
+    wq: *const [u8; 16],
+    nb: usize,
+    xs: *const f32,
+    xq: *const Block,
+    xl: *const [i32; 8],
+) -> [f32; ROWS] {
+    if vnni() {
+        unsafe { tiles_vnni::tile_q5(ws, wh, wq, nb, xs, xq, xl) }
+    } else {
+        unsafe { tiles_avx2::tile_q5(ws, wh, wq, nb, xs, xq, xl) }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Block, QK, ROWS};
+    use super::QK;
     use std::arch::x86_64::*;
 
     /// Quantizes 32 values at `x` into `q`; returns the f16-rounded scale.
@@ -1027,165 +1408,6 @@ mod avx2 {
         _mm256_cvtps_epi32(_mm256_round_ps::<
             { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
         >(_mm256_mul_ps(x, id)))
-    }
-
-    /// Dot products of 4 weight rows (scales `ws`, blocks `wq`, `[block][row]`) with `R`
-    /// activation rows (scales `xs`, blocks `xq`, `nb` blocks apart): `[row j][weight r]`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile<const R: usize>(
-        ws: *const u16,
-        wq: *const Block,
-        nb: usize,
-        xs: *const f32,
-        xq: *const Block,
-    ) -> [[f32; ROWS]; R] {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); ROWS]; R];
-        for b in 0..nb {
-            let dw = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(ws.add(b * ROWS).cast()) });
-            let mut d = [[0f32; ROWS]; R];
-            for (j, dj) in d.iter_mut().enumerate() {
-                let dx = unsafe { *xs.add(j * nb + b) };
-                unsafe { _mm_storeu_ps(dj.as_mut_ptr(), _mm_mul_ps(dw, _mm_set1_ps(dx))) };
-            }
-            for r in 0..ROWS {
-                let w = unsafe { _mm256_load_si256(wq.add(b * ROWS + r).cast()) };
-                let aw = _mm256_sign_epi8(w, w);
-                for j in 0..R {
-                    let x = unsafe { _mm256_load_si256(xq.add(j * nb + b).cast()) };
-                    let dot =
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
-                    acc[j][r] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(dot),
-                        _mm256_broadcast_ss(&d[j][r]),
-                        acc[j][r],
-                    );
-                }
-            }
-        }
-        let mut out = [[0f32; ROWS]; R];
-        for (o, a) in out.iter_mut().zip(&acc) {
-            for (v, s) in o.iter_mut().zip(a) {
-                *v = hsum(*s);
-            }
-        }
-        out
-    }
-
-    /// As [`tile`] for a [`super::U4Matrix`] group (`w` = scales, offsets, nibbles):
-    /// `Σ_b a·dx·Σ q·x − Σ_b b·dx·Σ x` per (activation row, weight row).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile_u4<const R: usize>(
-        w: (*const f32, *const f32, *const [u8; 16]),
-        nb: usize,
-        xs: *const f32,
-        xsum: *const f32,
-        xq: *const Block,
-    ) -> [[f32; ROWS]; R] {
-        let (wa, wb, wq) = w;
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        let mut acc = [[_mm256_setzero_ps(); ROWS]; R];
-        let mut off = [_mm_setzero_ps(); R];
-        for b in 0..nb {
-            let (a4, b4) = unsafe {
-                (
-                    _mm_loadu_ps(wa.add(b * ROWS)),
-                    _mm_loadu_ps(wb.add(b * ROWS)),
-                )
-            };
-            let mut d = [[0f32; ROWS]; R];
-            for (j, dj) in d.iter_mut().enumerate() {
-                let (dx, sx) = unsafe { (*xs.add(j * nb + b), *xsum.add(j * nb + b)) };
-                unsafe { _mm_storeu_ps(dj.as_mut_ptr(), _mm_mul_ps(a4, _mm_set1_ps(dx))) };
-                off[j] = _mm_fmadd_ps(b4, _mm_set1_ps(dx * sx), off[j]);
-            }
-            for r in 0..ROWS {
-                let nibbles = unsafe { _mm_loadu_si128(wq.add(b * ROWS + r).cast()) };
-                let q =
-                    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles), low);
-                for j in 0..R {
-                    let x = unsafe { _mm256_load_si256(xq.add(j * nb + b).cast()) };
-                    let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
-                    acc[j][r] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(dot),
-                        _mm256_broadcast_ss(&d[j][r]),
-                        acc[j][r],
-                    );
-                }
-            }
-        }
-        let mut out = [[0f32; ROWS]; R];
-        for ((o, a), off) in out.iter_mut().zip(&acc).zip(&off) {
-            let mut offs = [0f32; ROWS];
-            unsafe { _mm_storeu_ps(offs.as_mut_ptr(), *off) };
-            for ((v, s), c) in o.iter_mut().zip(a).zip(offs) {
-                *v = hsum(*s) - c;
-            }
-        }
-        out
-    }
-
-    /// As [`tile`] with one activation row, for Q5_0 weights (scales `ws`, high bits `wh`,
-    /// nibbles `wq`): each block is widened to signed bytes in registers, as llama.cpp's
-    /// AVX2 Q5_0 dot product does, then multiplied exactly as Q8_0.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile_q5(
-        ws: *const u16,
-        wh: *const u32,
-        wq: *const [u8; 16],
-        nb: usize,
-        xs: *const f32,
-        xq: *const Block,
-    ) -> [f32; ROWS] {
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        let high = _mm256_set1_epi8(0xF0u8 as i8);
-        let spread = _mm256_set_epi64x(
-            0x0303_0303_0303_0303,
-            0x0202_0202_0202_0202,
-            0x0101_0101_0101_0101,
-            0,
-        );
-        let bit_mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
-        let all = _mm256_set1_epi64x(-1);
-        let mut acc = [_mm256_setzero_ps(); ROWS];
-        for b in 0..nb {
-            let dw = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(ws.add(b * ROWS).cast()) });
-            let mut d = [0f32; ROWS];
-            let dx = unsafe { *xs.add(b) };
-            unsafe { _mm_storeu_ps(d.as_mut_ptr(), _mm_mul_ps(dw, _mm_set1_ps(dx))) };
-            let x = unsafe { _mm256_load_si256(xq.add(b).cast()) };
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let (bits, nibbles) = unsafe {
-                    (
-                        *wh.add(b * ROWS + r) as i32,
-                        _mm_loadu_si128(wq.add(b * ROWS + r).cast()),
-                    )
-                };
-                // Nibbles: low halves are values 0..16, high halves values 16..32.
-                let q =
-                    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles), low);
-                // Byte i = 0xFF where bit i is set.
-                let set = _mm256_cmpeq_epi8(
-                    _mm256_or_si256(
-                        _mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread),
-                        bit_mask,
-                    ),
-                    all,
-                );
-                // (nibble | bit << 4) - 16 == nibble | (bit ? 0 : 0xF0) as i8.
-                let w = _mm256_or_si256(q, _mm256_andnot_si256(set, high));
-                let aw = _mm256_sign_epi8(w, w);
-                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(&d[r]), *acc);
-            }
-        }
-        let mut out = [0f32; ROWS];
-        for (o, a) in out.iter_mut().zip(&acc) {
-            *o = hsum(*a);
-        }
-        out
     }
 
     /// `exp(x)` for 8 lanes: `x = n·ln2 + r`, |r| <= ln2/2, a degree-6 polynomial for
@@ -1315,7 +1537,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
+    pub(super) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -1561,6 +1783,70 @@ mod tests {
         assert!(matvecs(Some(&x8), None, &mut [(Packed::U4(&c), &mut out)]).is_err());
         let mut short = vec![0f32; 7];
         assert!(matvecs(Some(&x8), None, &mut [(Packed::Q8(&b), &mut short)]).is_err());
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vnni_and_avx2_tiles_give_identical_sums() {
+        // The VNNI kernels (unsigned weights with a bias seed) compute the same integer dot
+        // products as the AVX2 ones (sign tricks), so every float operation after them is
+        // the same: the sums must be equal bit for bit. Only a CPU with both can compare.
+        if !vnni() {
+            return;
+        }
+        let (n, k) = (8, 256);
+        let m8 = Q8Matrix::from_qtensor(&q8_tensor(n, k, 50))
+            .unwrap()
+            .unwrap();
+        let w5 = Tensor::from_vec(values(n * k, 51), (n, k), &Device::Cpu).unwrap();
+        let q5 = QTensor::quantize(&w5, GgmlDType::Q5_0).unwrap();
+        let m5 = Q8Matrix::from_q5_0(&q5.data().unwrap(), n, k)
+            .unwrap()
+            .unwrap();
+        let w4 = Tensor::from_vec(values(n * k, 52), (n, k), &Device::Cpu).unwrap();
+        let m4 = U4Matrix::from_qtensor(&QTensor::quantize(&w4, GgmlDType::Q4K).unwrap())
+            .unwrap()
+            .unwrap();
+        // Extreme activations too: a block at ±127 and one of zeros.
+        let mut xv = values(3 * k, 53);
+        xv[..32]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = if i % 2 == 0 { 5.0 } else { -5.0 });
+        xv[32..64].fill(0.0);
+        let x = Q8Input::quantize(&xv, 3, k).unwrap();
+        let xk = Q8Input::quantize_k(&xv, 3, k).unwrap();
+        let nb = k / QK;
+        for g in 0..n / ROWS {
+            let at = g * nb * ROWS;
+            let (ws, wq) = (m8.scales[at..].as_ptr(), m8.qs[at..].as_ptr());
+            let (xs, xq, xl) = (x.scales_at(0), x.blocks_at(0), x.bias_at(0));
+            // SAFETY: both instruction sets were detected; the group's blocks and the three
+            // input rows are inside their arrays.
+            unsafe {
+                let a = tiles_avx2::tile::<3>(ws, wq, nb, xs, xq, xl);
+                let b = tiles_vnni::tile::<3>(ws, wq, nb, xs, xq, xl);
+                assert_eq!(a, b, "Q8_0 group {g}");
+                let q5r = m5.q5.as_ref().unwrap();
+                let w = (
+                    q5r.scales[at..].as_ptr(),
+                    q5r.qh[at..].as_ptr(),
+                    q5r.qs[at..].as_ptr(),
+                );
+                let a = tiles_avx2::tile_q5(w.0, w.1, w.2, nb, xs, xq, xl);
+                let b = tiles_vnni::tile_q5(w.0, w.1, w.2, nb, xs, xq, xl);
+                assert_eq!(a, b, "Q5_0 group {g}");
+                let w = (
+                    m4.scales[at..].as_ptr(),
+                    m4.offsets[at..].as_ptr(),
+                    m4.qs[at..].as_ptr(),
+                );
+                let (ks, ksum, kq) = (xk.scales_at(0), xk.sums_at(0), xk.blocks_at(0));
+                let a = tiles_avx2::tile_u4::<3>(w, nb, ks, ksum, kq);
+                let b = tiles_vnni::tile_u4::<3>(w, nb, ks, ksum, kq);
+                assert_eq!(a, b, "Q4_K group {g}");
+            }
+        }
     }
 
     #[test]
