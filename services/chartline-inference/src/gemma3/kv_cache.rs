@@ -16,6 +16,8 @@ pub(crate) struct KvCache {
     len: usize,
     window: Option<usize>,
     max_positions: usize,
+    /// Times the buffers were reallocated (each copies what is kept).
+    reallocations: usize,
 }
 
 /// The cached keys and values after an append, covering absolute positions
@@ -37,6 +39,7 @@ impl KvCache {
             len: 0,
             window,
             max_positions,
+            reallocations: 0,
         }
     }
 
@@ -96,10 +99,13 @@ impl KvCache {
                 Some(w) => 2 * w + l,
                 None => self.max_positions,
             };
+            // Grow geometrically (at least doubling) so that a windowed cache at its window
+            // reaches twice the window and then compacts once per window's worth of steps,
+            // not on every step (dropping one dead entry would free one slot).
             let new_capacity = need
                 .next_power_of_two()
                 .max(MIN_CAPACITY)
-                .max(capacity)
+                .max(2 * capacity)
                 .min(limit)
                 .max(need);
             let device: Device = k.device().clone();
@@ -115,6 +121,7 @@ impl KvCache {
             self.v = Some(nv);
             self.start += dead;
             self.len = keep;
+            self.reallocations += 1;
         }
         let (Some(ck), Some(cv)) = (&self.k, &self.v) else {
             candle_core::bail!("kv cache buffers missing after growth");
@@ -194,6 +201,24 @@ mod tests {
                     .unwrap();
             assert_eq!(first[0] as usize, kv.start, "slot 0 holds position start");
         }
+    }
+
+    #[test]
+    fn a_sliding_cache_past_its_window_copies_once_per_window_not_every_step() {
+        // Gemma's local layers: a 512-token prompt fills the window, then one token at a
+        // time. Reallocating (and copying the whole window) on every step cost more than
+        // the attention itself.
+        let window = 512;
+        let mut c = KvCache::new(Some(window), 4096);
+        c.append(&step(0, 512), &step(0, 512), 0).unwrap();
+        let after_prompt = c.reallocations;
+        for pos in 512..512 + 1024 {
+            let t = step(pos, 1);
+            let kv = c.append(&t, &t, pos).unwrap();
+            assert!(kv.start + window <= pos + 1, "window kept at {pos}");
+        }
+        let copies = c.reallocations - after_prompt;
+        assert!(copies <= 3, "{copies} reallocations in 1024 steps");
     }
 
     #[test]
