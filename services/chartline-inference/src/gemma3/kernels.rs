@@ -1,5 +1,6 @@
-//! Chartline's own CPU kernels (x86-64 with AVX2, FMA and F16C, detected at run time):
-//! Q8_0, Q5_0 and Q4_K weight matrices, and the f32 dot products of one-token attention.
+//! Chartline's own CPU kernels (x86-64 with AVX2, FMA and F16C, detected at run time, and
+//! AVX-512 VNNI variants where the CPU has it): Q8_0, Q5_0 and Q4_K weight matrices, and the
+//! f32 dot products of one-token attention.
 //!
 //! In the Gemma 3 270M Q4_K_M file, Q8_0 holds the tied 262k × 640 embedding (the output
 //! projection, 178 MB: most of what one decoded token reads), Q5_0 the query, key, gate and
@@ -19,7 +20,16 @@
 //!   pair of 32-value blocks, `maddubs(|w|, sign(x, w))` → `madd` → `cvt` → `fma` with the
 //!   product of the two scales, exactly the integer dot products llama.cpp computes;
 //! - spread row groups over candle's own worker pool (`candle_core::utils::barrier_pool`),
-//!   so they share its threads instead of adding a second pool that would spin against it.
+//!   so they share its threads instead of adding a second pool that would spin against it;
+//!   one-row products of several matrices that read the same input go out in one dispatch
+//!   ([`matvecs`]).
+//!
+//! Where the CPU has AVX-512 VNNI (with 256-bit forms), the same tiles use `vpdpbusd`
+//! (unsigned × signed bytes, summed in 32-bit lanes) instead of `maddubs` + `madd` and the
+//! sign tricks: a Q8_0 weight `w` is read as `w ^ 0x80 = w + 128` and the dot product is
+//! seeded with `−128 · Σx` per lane (kept with the quantized input), a Q5_0 value as its
+//! unsigned 5 bits seeded with `−16 · Σx`, Q4_K values as they are. The integer sums are
+//! exactly the AVX2 ones, so every result is bit for bit the same (tested).
 //!
 //! [`U4Matrix`] holds Q4_K as 4-bit values with an f32 scale and offset per 32 and
 //! multiplies them with `maddubs(q, x)` directly (the values are unsigned) over activations
