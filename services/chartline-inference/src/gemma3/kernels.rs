@@ -763,10 +763,12 @@ pub(crate) struct Q8Input {
 }
 
 impl Q8Input {
-    fn new(m: usize, k: usize, scales: Vec<f32>, qs: Vec<Block>) -> Self {
+    /// Rows of quantized blocks; `biased` computes the lane biases (Q8_0 inputs on a CPU
+    /// with VNNI; the Q4_K kernel does not read them).
+    fn new(m: usize, k: usize, scales: Vec<f32>, qs: Vec<Block>, biased: bool) -> Self {
         let sums = block_sums(&qs);
         #[cfg(target_arch = "x86_64")]
-        let bias = if vnni() {
+        let bias = if biased && vnni() {
             qs.iter()
                 .map(|b| {
                     let mut lanes = [0i32; 8];
@@ -780,7 +782,10 @@ impl Q8Input {
             Vec::new()
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let bias = Vec::new();
+        let bias = {
+            let _ = biased;
+            Vec::new()
+        };
         Q8Input {
             m,
             k,
@@ -806,12 +811,12 @@ impl Q8Input {
                 // SAFETY: the kernels were detected; `chunk` holds 32 values.
                 *s = unsafe { avx2::quantize_block(chunk.as_ptr(), &mut q.0) };
             }
-            return Ok(Q8Input::new(m, k, scales, qs));
+            return Ok(Q8Input::new(m, k, scales, qs, true));
         }
         for ((chunk, s), q) in x.chunks_exact(QK).zip(&mut scales).zip(&mut qs) {
             *s = quantize_block_reference(chunk, &mut q.0);
         }
-        Ok(Q8Input::new(m, k, scales, qs))
+        Ok(Q8Input::new(m, k, scales, qs, true))
     }
 
     /// Quantizes `x` (m rows of k values; k a multiple of 256) as llama.cpp's Q8_K, the
@@ -858,7 +863,7 @@ impl Q8Input {
             }
             s.fill(1.0 / iscale);
         }
-        Ok(Q8Input::new(m, k, scales, qs))
+        Ok(Q8Input::new(m, k, scales, qs, false))
     }
 
     /// Rows.
@@ -874,10 +879,12 @@ impl Q8Input {
         self.qs[t * self.nb..].as_ptr()
     }
 
-    /// Row `t`'s lane biases (see `bias`); dangling and never read where the CPU has no
-    /// VNNI (the vector is then empty).
+    /// Row `t`'s lane biases (see `bias`); null where there are none (a CPU without VNNI),
+    /// which makes the kernels take the AVX2 path.
     fn bias_at(&self, t: usize) -> *const [i32; 8] {
-        self.bias.as_ptr().wrapping_add(t * self.nb)
+        self.bias
+            .get(t * self.nb..)
+            .map_or(std::ptr::null(), <[[i32; 8]]>::as_ptr)
     }
 
     fn sums_at(&self, t: usize) -> *const f32 {
@@ -1252,6 +1259,24 @@ macro_rules! dot_vnni {
     };
 }
 
+/// Whether candle's repacked K-quant tiles (16 rows per 512-bit AVX-512 VNNI product) run
+/// on this CPU: they beat [`U4Matrix`] on products of many rows (prefill), not on one row.
+pub(crate) fn wide_k_quants() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *WIDE.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether this CPU also has AVX-512 VNNI with 256-bit forms (checked once).
 #[cfg(target_arch = "x86_64")]
 fn vnni() -> bool {
@@ -1308,7 +1333,8 @@ unsafe fn tile<const R: usize>(
     xq: *const Block,
     xl: *const [i32; 8],
 ) -> [[f32; ROWS]; R] {
-    if vnni() {
+    // The VNNI kernel reads the input's lane biases, which only a CPU with VNNI computes.
+    if vnni() && !xl.is_null() {
         unsafe { tiles_vnni::tile::<R>(ws, wq, nb, xs, xq, xl) }
     } else {
         unsafe { tiles_avx2::tile::<R>(ws, wq, nb, xs, xq, xl) }
@@ -1348,7 +1374,7 @@ unsafe fn tile_q5(
     xq: *const Block,
     xl: *const [i32; 8],
 ) -> [f32; ROWS] {
-    if vnni() {
+    if vnni() && !xl.is_null() {
         unsafe { tiles_vnni::tile_q5(ws, wh, wq, nb, xs, xq, xl) }
     } else {
         unsafe { tiles_avx2::tile_q5(ws, wh, wq, nb, xs, xq, xl) }
@@ -1827,6 +1853,41 @@ mod tests {
         let x = Q8Input::quantize(&xv, 3, k).unwrap();
         let xk = Q8Input::quantize_k(&xv, 3, k).unwrap();
         let nb = k / QK;
+        // Weights at the ends of the byte range (−128 reads as 0 + 128 in the VNNI form
+        // and as |−128| = 128 unsigned in the AVX2 one), raw Q8_0 blocks with scale 1.0.
+        let mut raw = Vec::new();
+        for row in 0..ROWS {
+            for b in 0..nb {
+                raw.extend_from_slice(&f16::from_f32(1.0).to_bits().to_le_bytes());
+                raw.extend((0..QK).map(|i| match (row + b + i) % 3 {
+                    0 => 0x80u8,
+                    1 => 0x7F,
+                    _ => (i as u8).wrapping_mul(37),
+                }));
+            }
+        }
+        let edge = Q8Matrix::from_blocks(&raw, ROWS, k).unwrap();
+        // SAFETY: both instruction sets were detected; one group, three input rows.
+        let (a, b) = unsafe {
+            let args = (edge.scales.as_ptr(), edge.qs.as_ptr(), nb);
+            let (xs, xq, xl) = (x.scales_at(0), x.blocks_at(0), x.bias_at(0));
+            (
+                tiles_avx2::tile::<3>(args.0, args.1, args.2, xs, xq, xl),
+                tiles_vnni::tile::<3>(args.0, args.1, args.2, xs, xq, xl),
+            )
+        };
+        assert_eq!(a, b, "Q8_0 with −128 and 127 weights");
+        let mut reference = vec![0f32; 3 * ROWS];
+        edge.matmul_reference(&x, &mut reference);
+        for (j, row) in b.iter().enumerate() {
+            for (r, v) in row.iter().enumerate() {
+                let want = reference[j * ROWS + r];
+                assert!(
+                    (v - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{v} vs {want}"
+                );
+            }
+        }
         for g in 0..n / ROWS {
             let at = g * nb * ROWS;
             let (ws, wq) = (m8.scales[at..].as_ptr(), m8.qs[at..].as_ptr());

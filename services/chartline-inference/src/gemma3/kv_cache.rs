@@ -93,8 +93,9 @@ impl KvCache {
             };
             let keep = self.len - dead;
             let need = keep + l;
-            // Never shrink; a windowed cache tops out at twice its window so that each
-            // compaction frees at least a window's worth of slots.
+            // A windowed cache tops out at about twice its window (plus the chunk being
+            // appended) so that each compaction frees at least a window's worth of slots;
+            // a global one grows up to the positions prepared.
             let limit = match self.window {
                 Some(w) => 2 * w + l,
                 None => self.max_positions,

@@ -298,7 +298,15 @@ impl Loader<'_> {
         if self.kernels_apply()
             && let Some(m) = kernels::U4Matrix::from_qtensor(&t)?
         {
-            return Ok(model::Weight::U4(Arc::new(m)));
+            // One-row products (decoding) on Chartline's kernel; prefill on candle's 16-row
+            // AVX-512 VNNI tiles where the CPU has them (measured faster there; both pair
+            // Q4_K with Q8_K activations, as llama.cpp does).
+            let wide = if kernels::wide_k_quants() {
+                Some(QMatMul::from_arc(Arc::new(t))?)
+            } else {
+                None
+            };
+            return Ok(model::Weight::U4(Arc::new(m), wide));
         }
         Ok(self.wrap(Arc::new(t))?.into())
     }

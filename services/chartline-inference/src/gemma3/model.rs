@@ -21,12 +21,14 @@
 //! bf16 copy of its input and the product comes back as f32 (see `project`). Quantized
 //! weights take exactly the calls they always did.
 //!
-//! Two paths, one arithmetic: a chunk of tokens (prefill) runs on candle tensors, with long
-//! chunks' attention in causal pieces ([`attend_causal_chunks`]); one new token on the CPU
-//! (decoding) runs on plain f32 slices ([`Gemma3::forward_one`]) with reused buffers, the
+//! Two paths, the same computation: a chunk of tokens (prefill) runs on candle tensors, with
+//! long chunks' attention in causal pieces ([`attend_causal_chunks`]); one new token on the
+//! CPU (decoding) runs on plain f32 slices ([`Gemma3::forward_one`]) with reused buffers, the
 //! projections that share an input in one pass over the worker pool, and attention over the
-//! cache in place. `tests/prefill.rs` checks that whole, chunked and token-by-token prefill
-//! give the same logits (to 1e-3 with f32 weights).
+//! cache in place. They differ in summation order and in the exponentials (a vectorised exp
+//! in the one-token attention and GELU, libm's in candle's), a few ulp per operation;
+//! `tests/prefill.rs` checks that whole, chunked and token-by-token prefill give the same
+//! logits (to 1e-3 with f32 weights) and the same greedy tokens with quantized ones.
 
 use std::sync::Arc;
 
@@ -147,8 +149,10 @@ impl Embedding {
 pub(crate) enum Weight {
     Candle(QMatMul),
     Q8(Arc<Q8Matrix>),
-    /// Q4_K repacked for Chartline's kernels.
-    U4(Arc<U4Matrix>),
+    /// Q4_K repacked for Chartline's kernels, with candle's matrix for products of several
+    /// rows where candle's AVX-512 VNNI tiles are the faster ones (see
+    /// `kernels::wide_k_quants`).
+    U4(Arc<U4Matrix>, Option<QMatMul>),
 }
 
 impl From<QMatMul> for Weight {
@@ -186,7 +190,10 @@ impl<'a> Input<'a> {
                 let out = self.q8_product(m)?;
                 self.shaped(out, m.dims().0)
             }
-            Weight::U4(m) => {
+            Weight::U4(_, Some(wide)) if self.x.elem_count() > self.x.dim(D::Minus1)? => {
+                wide.forward(self.x)
+            }
+            Weight::U4(m, _) => {
                 // K-quant weights take Q8_K activations, as llama.cpp multiplies them.
                 let (n, k) = m.dims();
                 let data = self
@@ -474,11 +481,14 @@ impl Gemma3 {
                 );
             }
         }
-        if let ([token], true, true, true) = (
+        // One new token on the CPU takes the path on slices; its attention handles up to
+        // `MAX_HEADS` query heads per key/value head (Gemma 3 has at most 4).
+        if let ([token], true, true, true, true) = (
             tokens,
             images.is_empty(),
             spans.is_empty(),
             self.step_norms.is_some(),
+            self.cfg.group_size() <= kernels::MAX_HEADS,
         ) {
             return self.forward_one(*token, pos);
         }
@@ -592,7 +602,10 @@ impl Gemma3 {
                 &mut s.attn,
                 &mut s.parts,
             )? {
-                candle_core::bail!("the key/value cache is not plain f32 on the CPU");
+                candle_core::bail!(
+                    "one-token attention cannot take this cache ({nh} heads over {nkv}, \
+                     {hd}/{vd} wide)"
+                );
             }
             project_into(&s.attn, &mut [(&layer.wo, &mut s.o, hidden)])?;
             add_rms_norm(&mut x, &s.o, &n.post_attn, eps);
@@ -878,8 +891,9 @@ fn attend_one(q: &Tensor, keys: &Tensor, values: &Tensor, g: usize) -> Result<Op
 /// that share it, and keeps per head its largest score, the sum of `exp(score − largest)`
 /// and the weighted sum of values (`parts`, reused between calls). The items are then
 /// combined in order, rescaled to the overall largest score: the softmax-weighted sum of
-/// values, with sums that do not depend on the number of threads. Returns `false` when the
-/// tensors are not plain CPU f32 with contiguous rows.
+/// values, with sums that do not depend on the number of threads. Returns `false` when it
+/// cannot take the input (tensors not plain CPU f32 with contiguous rows, more than
+/// [`kernels::MAX_HEADS`] query heads per key/value head, shapes that do not agree).
 // Keys are indexed across the heads' score rows ([head][key]); an iterator per row would
 // not read better.
 #[allow(clippy::needless_range_loop)]
@@ -1038,7 +1052,7 @@ fn project_into(x: &[f32], jobs: &mut [(&Weight, &mut Vec<f32>, usize)]) -> Resu
     } else {
         None
     };
-    let xk = if needs(|w| matches!(w, Weight::U4(_))) {
+    let xk = if needs(|w| matches!(w, Weight::U4(..))) {
         Some(Q8Input::quantize_k(x, 1, k)?)
     } else {
         None
@@ -1048,7 +1062,7 @@ fn project_into(x: &[f32], jobs: &mut [(&Weight, &mut Vec<f32>, usize)]) -> Resu
         out.resize(*n, 0.0);
         match w {
             Weight::Q8(m) => packed.push((kernels::Packed::Q8(m), out.as_mut_slice())),
-            Weight::U4(m) => packed.push((kernels::Packed::U4(m), out.as_mut_slice())),
+            Weight::U4(m, _) => packed.push((kernels::Packed::U4(m), out.as_mut_slice())),
             Weight::Candle(_) => {
                 let y = project(w, &Tensor::from_slice(x, (1, k), &Device::Cpu)?)?;
                 let y = y.flatten_all()?.to_vec1::<f32>()?;
