@@ -288,12 +288,12 @@ impl Loader<'_> {
             let raw = info.read(self.file, self.content.tensor_data_offset, &Device::Cpu)?;
             let (n, k) = raw.shape().dims2()?;
             if let Some(m) = kernels::Q8Matrix::from_q5_0(&raw.data()?, n, k)? {
-                return Ok(model::Weight::Q8(Arc::new(m)));
+                return Ok(model::Weight::Q8(Arc::new(m.with_wide())));
             }
         }
         let t = self.qtensor(name)?;
         if let Some(m) = self.repack(&t)? {
-            return Ok(model::Weight::Q8(Arc::new(m)));
+            return Ok(model::Weight::Q8(Arc::new(m.with_wide())));
         }
         if self.kernels_apply()
             && let Some(m) = kernels::U4Matrix::from_qtensor(&t)?
