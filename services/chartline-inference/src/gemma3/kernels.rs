@@ -1781,8 +1781,24 @@ mod tests {
     }
 
     fn q8_tensor(n: usize, k: usize, seed: u64) -> QTensor {
+        quantized(n, k, seed, GgmlDType::Q8_0)
+    }
+
+    /// A (n, k) matrix of [`values`] quantized by candle.
+    fn quantized(n: usize, k: usize, seed: u64, dtype: GgmlDType) -> QTensor {
         let w = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
-        QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()
+        QTensor::quantize(&w, dtype).unwrap()
+    }
+
+    /// A Q5_0 matrix in Chartline's forms; `None` on a CPU without the kernels.
+    fn q5_matrix(n: usize, k: usize, seed: u64) -> Option<Q8Matrix> {
+        let q5 = quantized(n, k, seed, GgmlDType::Q5_0);
+        Q8Matrix::from_q5_0(&q5.data().unwrap(), n, k).unwrap()
+    }
+
+    /// A Q4_K matrix in Chartline's form; `None` on a CPU without the kernels.
+    fn q4k_matrix(n: usize, k: usize, seed: u64) -> Option<U4Matrix> {
+        U4Matrix::from_qtensor(&quantized(n, k, seed, GgmlDType::Q4K)).unwrap()
     }
 
     #[test]
@@ -1920,18 +1936,13 @@ mod tests {
         // reference product, and no output may be left unwritten.
         let k = 256;
         let x = values(k, 40);
-        let w5 = Tensor::from_vec(values(20 * k, 41), (20, k), &Device::Cpu).unwrap();
-        let q5 = QTensor::quantize(&w5, GgmlDType::Q5_0).unwrap();
-        let Some(a) = Q8Matrix::from_q5_0(&q5.data().unwrap(), 20, k).unwrap() else {
+        let Some(a) = q5_matrix(20, k, 41) else {
             return; // a CPU without the kernels
         };
         let b = Q8Matrix::from_qtensor(&q8_tensor(8, k, 42))
             .unwrap()
             .unwrap();
-        let w4 = Tensor::from_vec(values(12 * k, 43), (12, k), &Device::Cpu).unwrap();
-        let c = U4Matrix::from_qtensor(&QTensor::quantize(&w4, GgmlDType::Q4K).unwrap())
-            .unwrap()
-            .unwrap();
+        let c = q4k_matrix(12, k, 43).unwrap();
         let x8 = Q8Input::quantize(&x, 1, k).unwrap();
         let xk = Q8Input::quantize_k(&x, 1, k).unwrap();
         let (mut oa, mut ob, mut oc) = (vec![f32::NAN; 20], vec![f32::NAN; 8], vec![f32::NAN; 12]);
@@ -1974,15 +1985,8 @@ mod tests {
         let m8 = Q8Matrix::from_qtensor(&q8_tensor(n, k, 50))
             .unwrap()
             .unwrap();
-        let w5 = Tensor::from_vec(values(n * k, 51), (n, k), &Device::Cpu).unwrap();
-        let q5 = QTensor::quantize(&w5, GgmlDType::Q5_0).unwrap();
-        let m5 = Q8Matrix::from_q5_0(&q5.data().unwrap(), n, k)
-            .unwrap()
-            .unwrap();
-        let w4 = Tensor::from_vec(values(n * k, 52), (n, k), &Device::Cpu).unwrap();
-        let m4 = U4Matrix::from_qtensor(&QTensor::quantize(&w4, GgmlDType::Q4K).unwrap())
-            .unwrap()
-            .unwrap();
+        let m5 = q5_matrix(n, k, 51).unwrap();
+        let m4 = q4k_matrix(n, k, 52).unwrap();
         // Extreme activations too: a block at ±127 and one of zeros.
         let mut xv = values(3 * k, 53);
         xv[..32]
@@ -2066,9 +2070,7 @@ mod tests {
         // rows, 1 to 9 input rows (every tail of the 4-row steps), against the plain-Rust
         // product of the same quantized values; the 4-row form stays as it was.
         let (n, k) = (32, 96);
-        let w5 = Tensor::from_vec(values(n * k, 60), (n, k), &Device::Cpu).unwrap();
-        let q5 = QTensor::quantize(&w5, GgmlDType::Q5_0).unwrap();
-        let Some(m5) = Q8Matrix::from_q5_0(&q5.data().unwrap(), n, k).unwrap() else {
+        let Some(m5) = q5_matrix(n, k, 60) else {
             return; // a CPU without the kernels
         };
         let m8 = Q8Matrix::from_qtensor(&q8_tensor(n, k, 61))
