@@ -246,8 +246,9 @@ impl Q8Matrix {
     }
 
     /// Adds the 16-row tiles for products of several rows (prefill) where the CPU has
-    /// 512-bit VNNI and the height is a multiple of 16 (about as much memory again as the
-    /// matrix: only for matrices that prefill multiplies).
+    /// 512-bit VNNI and the height is a multiple of 16: about as much memory again as the
+    /// matrix, so only for matrices that prefill multiplies. A Q5_0 matrix then drops its
+    /// 4-row Q8_0 form (one-row products read the 5-bit one).
     pub(crate) fn with_wide(mut self) -> Self {
         if !wide_k_quants() || !self.n.is_multiple_of(WIDE) {
             return self;
@@ -266,7 +267,30 @@ impl Q8Matrix {
             }
         }
         self.wide = Some(Wide { scales, qs });
+        if self.q5.is_some() {
+            // One-row products read the 5-bit form and several rows the 16-row tiles: the
+            // 4-row Q8_0 form would only take memory.
+            self.scales = Vec::new();
+            self.qs = Vec::new();
+        }
         self
+    }
+
+    /// Weight `(row, block b)`'s scale and its value `i`, from whichever Q8_0 form the
+    /// matrix holds (the 4-row one, or only the 16-row tiles).
+    fn weight(&self, row: usize, b: usize, i: usize) -> (f32, i8) {
+        match &self.wide {
+            Some(w) if self.qs.is_empty() => {
+                let at = (row / WIDE) * self.nb + b;
+                let lane = row % WIDE;
+                let v = w.qs[at].0[(i / 4) * WIDE * 4 + lane * 4 + i % 4] ^ 0x80;
+                (w.scales[at][lane], v as i8)
+            }
+            _ => {
+                let at = ((row / ROWS) * self.nb + b) * ROWS + row % ROWS;
+                (f16::from_bits(self.scales[at]).to_f32(), self.qs[at].0[i])
+            }
+        }
     }
 
     /// (rows, inputs).
@@ -276,11 +300,9 @@ impl Q8Matrix {
 
     /// Row `i` dequantized into `out` (k values), as candle dequantizes Q8_0.
     pub(crate) fn row_into(&self, i: usize, out: &mut [f32]) {
-        let (g, r) = (i / ROWS, i % ROWS);
         for (b, chunk) in out.chunks_exact_mut(QK).enumerate().take(self.nb) {
-            let at = (g * self.nb + b) * ROWS + r;
-            let d = f16::from_bits(self.scales[at]).to_f32();
-            for (o, &q) in chunk.iter_mut().zip(&self.qs[at].0) {
+            for (v, o) in chunk.iter_mut().enumerate() {
+                let (d, q) = self.weight(i, b, v);
                 *o = f32::from(q) * d;
             }
         }
@@ -346,6 +368,9 @@ impl Q8Matrix {
                 }
             });
             return Ok(());
+        }
+        if self.qs.is_empty() {
+            candle_core::bail!("a matrix held only as 16-row tiles needs a CPU with VNNI");
         }
         #[cfg(target_arch = "x86_64")]
         if available() {
@@ -435,19 +460,16 @@ impl Q8Matrix {
     fn matmul_reference(&self, x: &Q8Input, out: &mut [f32]) {
         for t in 0..x.m {
             for row in 0..self.n {
-                let (g, r) = (row / ROWS, row % ROWS);
                 let mut sum = 0f32;
                 for b in 0..self.nb {
-                    let at = (g * self.nb + b) * ROWS + r;
                     let xb = &x.qs[t * x.nb + b].0;
-                    let dot: i32 = self.qs[at]
-                        .0
+                    let d = self.weight(row, b, 0).0;
+                    let dot: i32 = xb
                         .iter()
-                        .zip(xb)
-                        .map(|(&w, &v)| i32::from(w) * i32::from(v))
+                        .enumerate()
+                        .map(|(i, &v)| i32::from(self.weight(row, b, i).1) * i32::from(v))
                         .sum();
-                    sum += dot as f32
-                        * (f16::from_bits(self.scales[at]).to_f32() * x.scales[t * x.nb + b]);
+                    sum += dot as f32 * (d * x.scales[t * x.nb + b]);
                 }
                 out[t * self.n + row] = sum;
             }
@@ -2076,10 +2098,23 @@ mod tests {
         let m8 = Q8Matrix::from_qtensor(&q8_tensor(n, k, 61))
             .unwrap()
             .unwrap();
-        for m in [m5.with_wide(), m8.with_wide()] {
-            if m.wide.is_none() {
-                return; // no 512-bit VNNI here: nothing to compare
-            }
+        let m5 = m5.with_wide();
+        if m5.wide.is_none() {
+            return; // no 512-bit VNNI here: nothing to compare
+        }
+        // The Q5_0 matrix keeps only its 5-bit form and the tiles, which still hold
+        // exactly candle's values.
+        assert!(m5.qs.is_empty());
+        let want: Vec<Vec<f32>> = quantized(n, k, 60, GgmlDType::Q5_0)
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let rows = m5.rows(&(0..n as u32).collect::<Vec<_>>()).unwrap();
+        for (i, want) in want.iter().enumerate() {
+            assert_eq!(&rows[i * k..(i + 1) * k], want.as_slice(), "row {i}");
+        }
+        for m in [m5, m8.with_wide()] {
             for rows in 1..=9 {
                 let x = Q8Input::quantize(&values(rows * k, 62 + rows as u64), rows, k).unwrap();
                 let mut got = vec![f32::NAN; rows * n];
