@@ -338,35 +338,20 @@ impl Q8Matrix {
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(wide) = &self.wide {
-            let out_ptr = SharedOut(out.as_mut_ptr());
-            let (n, nb, m) = (self.n, self.nb, x.m);
-            candle_core::utils::barrier_pool().execute_chunked(n / WIDE, |tiles| {
-                let out_ptr = &out_ptr;
-                for tile in tiles {
-                    let w = (
-                        wide.scales[tile * nb..].as_ptr(),
-                        wide.qs[tile * nb..].as_ptr(),
-                    );
-                    let col = unsafe { out_ptr.0.add(tile * WIDE) };
-                    let mut t = 0;
-                    // SAFETY: `with_wide` built the tiles only where 512-bit VNNI was
-                    // detected; tile < n / 16 and its nb blocks are inside the arrays, input
-                    // rows t .. t + R exist, and columns 16·tile .. 16·tile + 16 of those
-                    // output rows are this tile's alone.
-                    unsafe {
-                        while t + 4 <= m {
-                            wide::tile::<4>(w, nb, x, t, col.add(t * n), n);
-                            t += 4;
-                        }
-                        match m - t {
-                            3 => wide::tile::<3>(w, nb, x, t, col.add(t * n), n),
-                            2 => wide::tile::<2>(w, nb, x, t, col.add(t * n), n),
-                            1 => wide::tile::<1>(w, nb, x, t, col.add(t * n), n),
-                            _ => {}
-                        }
-                    }
-                }
-            });
+            let (n, nb) = (self.n, self.nb);
+            // SAFETY: `with_wide` built the tiles only where 512-bit VNNI was detected; each
+            // tile's nb blocks are inside the arrays, input rows 0 .. m exist, and columns
+            // 16·tile .. 16·tile + 16 of every output row are that tile's alone.
+            unsafe {
+                par_tiles::<4, _>(n / WIDE, x.m, out, |tile, out| WideTile {
+                    wide,
+                    n,
+                    nb,
+                    tile,
+                    x,
+                    out,
+                });
+            }
             return Ok(());
         }
         if self.qs.is_empty() {
@@ -374,17 +359,17 @@ impl Q8Matrix {
         }
         #[cfg(target_arch = "x86_64")]
         if available() {
-            let out_ptr = SharedOut(out.as_mut_ptr());
-            let (n, nb, m) = (self.n, self.nb, x.m);
-            candle_core::utils::barrier_pool().execute_chunked(n / ROWS, |groups| {
-                let out_ptr = &out_ptr;
-                for g in groups {
-                    // SAFETY: the kernels were detected; every slice index below is inside
-                    // the matrices (g < n / 4, blocks < nb, rows < m), and each (row,
-                    // column) of `out` is written by exactly one group.
-                    unsafe { self.group(g, x, out_ptr.0, n, nb, m) };
-                }
-            });
+            // SAFETY: the kernels were detected; every slice index is inside the matrices
+            // (g < n / 4, blocks < nb, rows < m), and each (row, column) of `out` is written
+            // by exactly one group.
+            unsafe {
+                par_tiles::<TILE_M, _>(self.n / ROWS, x.m, out, |g, out| Q8Group {
+                    m: self,
+                    g,
+                    x,
+                    out,
+                });
+            }
             return Ok(());
         }
         self.matmul_reference(x, out);
@@ -425,35 +410,6 @@ impl Q8Matrix {
             },
         };
         unsafe { store(out, self.n, 0, g * ROWS, &[sums]) };
-    }
-
-    /// One group of 4 weight rows against every activation row.
-    #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn group(&self, g: usize, x: &Q8Input, out: *mut f32, n: usize, nb: usize, m: usize) {
-        let ws = unsafe { self.scales.as_ptr().add(g * nb * ROWS) };
-        let wq = unsafe { self.qs.as_ptr().add(g * nb * ROWS) };
-        let col = g * ROWS;
-        let mut t = 0;
-        while t + TILE_M <= m {
-            let sums =
-                unsafe { tile::<TILE_M>(ws, wq, nb, x.scales_at(t), x.blocks_at(t), x.bias_at(t)) };
-            unsafe { store(out, n, t, col, &sums) };
-            t += TILE_M;
-        }
-        match m - t {
-            2 => {
-                let sums =
-                    unsafe { tile::<2>(ws, wq, nb, x.scales_at(t), x.blocks_at(t), x.bias_at(t)) };
-                unsafe { store(out, n, t, col, &sums) };
-            }
-            1 => {
-                let sums =
-                    unsafe { tile::<1>(ws, wq, nb, x.scales_at(t), x.blocks_at(t), x.bias_at(t)) };
-                unsafe { store(out, n, t, col, &sums) };
-            }
-            _ => {}
-        }
     }
 
     /// The same products in plain Rust (CPUs without the kernels, and the tests' reference).
@@ -627,59 +583,17 @@ impl U4Matrix {
         }
         #[cfg(target_arch = "x86_64")]
         if available() {
-            let out_ptr = SharedOut(out.as_mut_ptr());
-            let (n, nb, m) = (self.n, self.nb, x.m);
-            candle_core::utils::barrier_pool().execute_chunked(n / ROWS, |groups| {
-                let out_ptr = &out_ptr;
-                for g in groups {
-                    let at = g * nb * ROWS;
-                    let w = (
-                        self.scales[at..].as_ptr(),
-                        self.offsets[at..].as_ptr(),
-                        self.qs[at..].as_ptr(),
-                    );
-                    let mut t = 0;
-                    // SAFETY: the kernels were detected; the group's `nb * 4` blocks are
-                    // inside the packed arrays, rows `t .. t + R` of the input exist, and
-                    // columns `4g .. 4g + 4` of those output rows are this group's alone.
-                    unsafe {
-                        while t + TILE_M <= m {
-                            let sums = tile_u4::<TILE_M>(
-                                w,
-                                nb,
-                                x.scales_at(t),
-                                x.sums_at(t),
-                                x.blocks_at(t),
-                            );
-                            store(out_ptr.0, n, t, g * ROWS, &sums);
-                            t += TILE_M;
-                        }
-                        match m - t {
-                            2 => {
-                                let sums = tile_u4::<2>(
-                                    w,
-                                    nb,
-                                    x.scales_at(t),
-                                    x.sums_at(t),
-                                    x.blocks_at(t),
-                                );
-                                store(out_ptr.0, n, t, g * ROWS, &sums);
-                            }
-                            1 => {
-                                let sums = tile_u4::<1>(
-                                    w,
-                                    nb,
-                                    x.scales_at(t),
-                                    x.sums_at(t),
-                                    x.blocks_at(t),
-                                );
-                                store(out_ptr.0, n, t, g * ROWS, &sums);
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            });
+            // SAFETY: the kernels were detected; each group's `nb * 4` blocks are inside the
+            // packed arrays, input rows 0 .. m exist, and columns `4g .. 4g + 4` of every
+            // output row are that group's alone.
+            unsafe {
+                par_tiles::<TILE_M, _>(self.n / ROWS, x.m, out, |g, out| U4Group {
+                    m: self,
+                    g,
+                    x,
+                    out,
+                });
+            }
             return Ok(());
         }
         self.matmul_reference(x, out);
@@ -828,6 +742,132 @@ pub(crate) fn matvecs(
         }
     }
     Ok(())
+}
+
+/// One weight tile (4 or 16 rows) against `R` input rows starting at row `t`, writing its
+/// own columns of those output rows.
+#[cfg(target_arch = "x86_64")]
+trait RowTile {
+    /// # Safety
+    /// The tile's kernel must be available and input rows `t .. t + R` must exist.
+    unsafe fn rows<const R: usize>(&self, t: usize);
+}
+
+/// Runs `tile` over input rows `0 .. m`, `STEP` (at most 4) at a time, then the tail.
+///
+/// # Safety
+/// As [`RowTile::rows`] for every row of `0 .. m`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn over_rows<const STEP: usize, T: RowTile>(tile: &T, m: usize) {
+    let mut t = 0;
+    while t + STEP <= m {
+        unsafe { tile.rows::<STEP>(t) };
+        t += STEP;
+    }
+    unsafe {
+        match m - t {
+            3 => tile.rows::<3>(t),
+            2 => tile.rows::<2>(t),
+            1 => tile.rows::<1>(t),
+            _ => {}
+        }
+    }
+}
+
+/// The tiles `make(i, out)` for `i < count`, spread over candle's worker pool, each over
+/// input rows `0 .. m` (see [`over_rows`]).
+///
+/// # Safety
+/// Every tile must be valid for rows `0 .. m` and write only its own columns of `out`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn par_tiles<const STEP: usize, T: RowTile>(
+    count: usize,
+    m: usize,
+    out: &mut [f32],
+    make: impl Fn(usize, *mut f32) -> T + Sync,
+) {
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(count, |tiles| {
+        let out_ptr = &out_ptr;
+        for i in tiles {
+            // SAFETY: the caller's.
+            unsafe { over_rows::<STEP, _>(&make(i, out_ptr.0), m) };
+        }
+    });
+}
+
+/// A 4-row group of a [`Q8Matrix`] (4-row layout) over a Q8_0 input.
+#[cfg(target_arch = "x86_64")]
+struct Q8Group<'a> {
+    m: &'a Q8Matrix,
+    g: usize,
+    x: &'a Q8Input,
+    out: *mut f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowTile for Q8Group<'_> {
+    unsafe fn rows<const R: usize>(&self, t: usize) {
+        let (m, x) = (self.m, self.x);
+        let at = self.g * m.nb * ROWS;
+        let (ws, wq) = (m.scales[at..].as_ptr(), m.qs[at..].as_ptr());
+        unsafe {
+            let sums = tile::<R>(ws, wq, m.nb, x.scales_at(t), x.blocks_at(t), x.bias_at(t));
+            store(self.out, m.n, t, self.g * ROWS, &sums);
+        }
+    }
+}
+
+/// A 4-row group of a [`U4Matrix`] over a Q8_K input.
+#[cfg(target_arch = "x86_64")]
+struct U4Group<'a> {
+    m: &'a U4Matrix,
+    g: usize,
+    x: &'a Q8Input,
+    out: *mut f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowTile for U4Group<'_> {
+    unsafe fn rows<const R: usize>(&self, t: usize) {
+        let (m, x) = (self.m, self.x);
+        let at = self.g * m.nb * ROWS;
+        let w = (
+            m.scales[at..].as_ptr(),
+            m.offsets[at..].as_ptr(),
+            m.qs[at..].as_ptr(),
+        );
+        unsafe {
+            let sums = tile_u4::<R>(w, m.nb, x.scales_at(t), x.sums_at(t), x.blocks_at(t));
+            store(self.out, m.n, t, self.g * ROWS, &sums);
+        }
+    }
+}
+
+/// A 16-row tile of a [`Wide`] form over a Q8_0 input.
+#[cfg(target_arch = "x86_64")]
+struct WideTile<'a> {
+    wide: &'a Wide,
+    n: usize,
+    nb: usize,
+    tile: usize,
+    x: &'a Q8Input,
+    out: *mut f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowTile for WideTile<'_> {
+    unsafe fn rows<const R: usize>(&self, t: usize) {
+        let (nb, tile) = (self.nb, self.tile);
+        let w = (
+            self.wide.scales[tile * nb..].as_ptr(),
+            self.wide.qs[tile * nb..].as_ptr(),
+        );
+        unsafe {
+            let out = self.out.add(t * self.n + tile * WIDE);
+            wide::tile::<R>(w, nb, self.x, t, out, self.n);
+        }
+    }
 }
 
 /// Writes a tile's sums: `sums[j][r]` is output row `t + j`, column `col + r`.
