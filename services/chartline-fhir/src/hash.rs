@@ -7,20 +7,18 @@ use sha2::{Digest, Sha256};
 /// leaving out `meta.versionId` and `meta.lastUpdated`, which the server sets: two
 /// submissions of the same content hash alike, so a re-send makes no new version.
 pub fn content_sha256(resource: &Value) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    write_canonical(resource, &mut hasher, true);
-    hasher.finalize().into()
-}
-
-fn write_canonical(v: &Value, h: &mut Sha256, top: bool) {
-    match v {
+    // serde_json's Map is a BTreeMap here (no `preserve_order`), so its compact
+    // serialization is already canonical: keys sorted, no whitespace. Only the top-level
+    // `meta` needs its server-managed elements left out.
+    let mut buf = Vec::with_capacity(1024);
+    match resource {
         Value::Object(map) => {
-            // serde_json's Map is a BTreeMap here (no `preserve_order`), so keys come sorted.
-            h.update(b"{");
+            buf.push(b'{');
             let mut first = true;
             for (k, val) in map {
-                if top && k == "meta" {
-                    if let Value::Object(meta) = val {
+                let filtered;
+                let val = match val {
+                    Value::Object(meta) if k == "meta" => {
                         let rest: serde_json::Map<String, Value> = meta
                             .iter()
                             .filter(|(k, _)| k.as_str() != "versionId" && k.as_str() != "lastUpdated")
@@ -29,42 +27,29 @@ fn write_canonical(v: &Value, h: &mut Sha256, top: bool) {
                         if rest.is_empty() {
                             continue;
                         }
-                        sep(h, &mut first);
-                        key(h, k);
-                        write_canonical(&Value::Object(rest), h, false);
-                        continue;
+                        filtered = Value::Object(rest);
+                        &filtered
                     }
+                    other => other,
+                };
+                if !first {
+                    buf.push(b',');
                 }
-                sep(h, &mut first);
-                key(h, k);
-                write_canonical(val, h, false);
+                first = false;
+                write_json(&mut buf, k);
+                buf.push(b':');
+                write_json(&mut buf, val);
             }
-            h.update(b"}");
+            buf.push(b'}');
         }
-        Value::Array(items) => {
-            h.update(b"[");
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    h.update(b",");
-                }
-                write_canonical(item, h, false);
-            }
-            h.update(b"]");
-        }
-        other => h.update(other.to_string().as_bytes()),
+        other => write_json(&mut buf, other),
     }
+    Sha256::digest(&buf).into()
 }
 
-fn sep(h: &mut Sha256, first: &mut bool) {
-    if !*first {
-        h.update(b",");
-    }
-    *first = false;
-}
-
-fn key(h: &mut Sha256, k: &str) {
-    h.update(Value::String(k.to_owned()).to_string().as_bytes());
-    h.update(b":");
+fn write_json<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, v: &T) {
+    // Writing a Value or a str into a Vec cannot fail (no non-string keys, no IO).
+    let _ = serde_json::to_writer(&mut *buf, v);
 }
 
 #[cfg(test)]
@@ -79,6 +64,15 @@ mod tests {
         let c = json!({"id": "p", "resourceType": "Patient"});
         assert_eq!(content_sha256(&a), content_sha256(&b));
         assert_eq!(content_sha256(&a), content_sha256(&c), "key order must not matter");
+    }
+
+    #[test]
+    fn the_canonical_form_is_sorted_compact_json_without_server_meta() {
+        // Stored hashes must stay comparable across releases: pin the exact bytes hashed.
+        let v = json!({"resourceType": "Patient", "meta": {"versionId": "3", "profile": ["x"]}, "id": "p",
+                       "name": [{"given": ["Zoë", "A\"B"]}], "b": 1.5, "a": null});
+        let canonical = r#"{"a":null,"b":1.5,"id":"p","meta":{"profile":["x"]},"name":[{"given":["Zoë","A\"B"]}],"resourceType":"Patient"}"#;
+        assert_eq!(content_sha256(&v), <[u8; 32]>::from(Sha256::digest(canonical.as_bytes())));
     }
 
     #[test]

@@ -25,24 +25,29 @@ impl Default for Limits {
 }
 
 /// Rejects JSON nested deeper than `max_depth` before any parser recurses into it.
-/// A byte scan: strings (with escapes) are skipped, brackets counted.
+/// A byte scan: brackets counted, strings (with escapes) skipped with `memchr`, which
+/// matters for base64 attachments (most of a clinical note's bytes).
 pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), FhirError> {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in bytes {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
         match b {
-            b'"' => in_string = true,
+            b'"' => {
+                // To the closing quote; a backslash escapes the byte after it.
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &bytes[i.min(bytes.len())..]) {
+                        // Unterminated: the parser reports it.
+                        None => return Ok(()),
+                        Some(j) if bytes[i + j] == b'\\' => i += j + 2,
+                        Some(j) => {
+                            i += j + 1;
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max_depth {
@@ -55,6 +60,7 @@ pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), FhirError> {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     Ok(())
 }
@@ -103,6 +109,18 @@ mod tests {
     fn brackets_inside_strings_do_not_count() {
         let s = format!(r#"{{"a": "{}\"{}"}}"#, "[".repeat(100), "{".repeat(100));
         assert!(parse_json(s.as_bytes(), &Limits::default()).is_ok());
+    }
+
+    #[test]
+    fn escapes_are_skipped_with_the_byte_they_escape() {
+        let limits = Limits { max_depth: 2, ..Limits::default() };
+        // An escaped quote does not end the string; an escaped backslash does not escape the quote.
+        assert!(parse_json(br#"{"a": "\"[[[[", "b": "x\\\\"}"#, &limits).is_ok());
+        assert!(check_depth(br#"{"a": "x\\\\", "b": [[1]]}"#, 2).is_err());
+        assert!(check_depth(br#"{"a": "\\"}"#, 1).is_ok());
+        // A string cut off after a backslash is left to the parser.
+        assert!(check_depth(b"[\"abc\\", 1).is_ok());
+        assert!(check_depth(b"[[", 1).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod json;
 mod reference;
 mod resource_types;
 mod typed;
+mod typed_compare;
 mod validate;
 
 pub use error::{FhirError, Issue, IssueCode, Severity};

@@ -8,6 +8,7 @@
 //! skipped and rest on the JSON-level checks alone.
 
 use fhir_sdk::r4b::resources::Resource;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Issue, IssueCode};
@@ -27,24 +28,21 @@ pub enum TypedCheck {
 // functions are the only places it happens, kept out of line and non-generic so the
 // cost is paid once, in this crate.
 #[inline(never)]
-fn parse_typed(bytes: &[u8]) -> Result<Resource, serde_json::Error> {
-    serde_json::from_slice(bytes)
+fn parse_typed(v: &Value) -> Result<Resource, serde_json::Error> {
+    // Straight from the tree: no re-encoding and re-parsing of the text.
+    Resource::deserialize(v)
 }
 
 #[inline(never)]
-fn serialize_typed(resource: &Resource) -> Result<Value, serde_json::Error> {
-    serde_json::to_value(resource)
+fn compare_typed(orig: &Value, resource: &Resource, path: &mut String) -> Result<Option<String>, crate::typed_compare::Error> {
+    crate::typed_compare::first_mismatch(orig, resource, path)
 }
 
 /// Runs the typed round trip on one resource (a Bundle is checked without its entries'
 /// resources; callers check those one by one).
 pub fn typed_check(v: &Value) -> TypedCheck {
     let ty = v.get("resourceType").and_then(Value::as_str).unwrap_or("Resource");
-    let bytes = match serde_json::to_vec(v) {
-        Ok(b) => b,
-        Err(_) => return TypedCheck::Failed(Issue::error(IssueCode::Exception, "could not re-encode the resource")),
-    };
-    let typed = match parse_typed(&bytes) {
+    let typed = match parse_typed(v) {
         Ok(t) => t,
         Err(e) => {
             let msg = e.to_string();
@@ -56,16 +54,15 @@ pub fn typed_check(v: &Value) -> TypedCheck {
             );
         }
     };
-    let round = match serialize_typed(&typed) {
-        Ok(r) => r,
-        Err(_) => return TypedCheck::Failed(Issue::error(IssueCode::Exception, "could not serialize the typed resource")),
-    };
+    // The typed model serialized against what was sent: anything that did not survive is
+    // an unknown element or an invalid value at that path.
     let mut path = ty.to_owned();
-    match first_difference(v, &round, &mut path) {
-        None => TypedCheck::Passed,
-        Some(p) => TypedCheck::Failed(
+    match compare_typed(v, &typed, &mut path) {
+        Ok(None) => TypedCheck::Passed,
+        Ok(Some(p)) => TypedCheck::Failed(
             Issue::error(IssueCode::Structure, "unknown element, or a value of the wrong type for this element").at(p),
         ),
+        Err(_) => TypedCheck::Failed(Issue::error(IssueCode::Exception, "could not serialize the typed resource")),
     }
 }
 
@@ -95,6 +92,9 @@ fn redact(msg: &str) -> String {
     }
 }
 
+/// The reference for [`crate::typed_compare`]: the first difference between the sent tree
+/// and the typed model's serialized tree.
+#[cfg(test)]
 fn first_difference(orig: &Value, round: &Value, path: &mut String) -> Option<String> {
     match (orig, round) {
         (Value::Object(a), Value::Object(b)) => {
@@ -144,7 +144,7 @@ fn first_difference(orig: &Value, round: &Value, path: &mut String) -> Option<St
 }
 
 /// `2020-01-01T00:00:00+00:00` and `2020-01-01T00:00:00Z` are the same instant.
-fn same_instant(a: &str, b: &str) -> bool {
+pub(crate) fn same_instant(a: &str, b: &str) -> bool {
     match (chrono::DateTime::parse_from_rfc3339(a), chrono::DateTime::parse_from_rfc3339(b)) {
         (Ok(x), Ok(y)) => x == y,
         _ => false,
@@ -165,5 +165,90 @@ mod tests {
         let a: Value = serde_json::from_str(r#"{"v": 82.30}"#).unwrap();
         let b: Value = serde_json::from_str(r#"{"v": 82.3}"#).unwrap();
         assert_eq!(first_difference(&a, &b, &mut String::new()), None);
+    }
+
+    fn fixtures() -> std::path::PathBuf {
+        std::env::var_os("CHARTLINE_FIXTURES")
+            .map(Into::into)
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"))
+    }
+
+    /// Every resource of the HL7 examples, US Core, the validator inputs and two Synthea
+    /// patients (Bundle entries included), as parsed JSON.
+    fn fixture_resources() -> Vec<Value> {
+        let root = fixtures();
+        let mut files = Vec::new();
+        for dir in ["fhir-r4-examples", "us-core", "validator-cases/inputs"] {
+            for e in std::fs::read_dir(root.join(dir)).unwrap() {
+                files.push(e.unwrap().path());
+            }
+        }
+        let mut synthea: Vec<_> =
+            std::fs::read_dir(root.join("synthea/blaze-synthea-2.7.0")).unwrap().map(|e| e.unwrap().path()).collect();
+        synthea.sort();
+        files.extend(synthea.into_iter().take(4));
+        let mut out = Vec::new();
+        for f in files {
+            let Ok(bytes) = std::fs::read(&f) else { continue };
+            let Ok(v) = serde_json::from_slice::<Value>(&bytes) else { continue };
+            if let Some(entries) = v.get("entry").and_then(Value::as_array) {
+                out.extend(entries.iter().filter_map(|e| e.get("resource")).cloned());
+            }
+            out.push(v);
+        }
+        out
+    }
+
+    /// Unknown elements put where the typed model will drop them: first and last in key
+    /// order at the top, and inside the first object-valued element (or its first item).
+    fn mutations(v: &Value) -> Vec<Value> {
+        let mut out = Vec::new();
+        for key in ["aaUnknown", "zzUnknown"] {
+            let mut m = v.clone();
+            m[key] = Value::Bool(true);
+            out.push(m);
+        }
+        let mut m = v.clone();
+        if let Some(obj) = m.as_object_mut() {
+            for (k, child) in obj.iter_mut() {
+                let target = match child {
+                    Value::Object(_) => Some(child),
+                    Value::Array(items) => items.first_mut().filter(|i| i.is_object()),
+                    _ => None,
+                };
+                if let Some(t) = target {
+                    if k != "meta" {
+                        t["unknownChild"] = Value::String("x".into());
+                        // Two drops: the nested one comes first in key order.
+                        let mut both = m.clone();
+                        both["zzUnknown"] = Value::Bool(true);
+                        out.push(m);
+                        out.push(both);
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_streaming_comparison_agrees_with_comparing_serialized_trees() {
+        let (mut compared, mut mismatches) = (0, 0);
+        for (i, r) in fixture_resources().iter().enumerate() {
+            let variants = if i % 7 == 0 { mutations(r) } else { Vec::new() };
+            for v in std::iter::once(r).chain(&variants) {
+                let Ok(typed) = parse_typed(v) else { continue };
+                let ty = v.get("resourceType").and_then(Value::as_str).unwrap_or("Resource");
+                let round = serde_json::to_value(&typed).unwrap();
+                let old = first_difference(v, &round, &mut ty.to_owned());
+                let new = compare_typed(v, &typed, &mut ty.to_owned()).unwrap();
+                assert_eq!(new, old, "{ty} {:?}", v.get("id"));
+                compared += 1;
+                mismatches += usize::from(new.is_some());
+            }
+        }
+        assert!(compared > 1000, "only {compared} resources compared");
+        assert!(mismatches > 100, "only {mismatches} mismatches exercised");
     }
 }

@@ -3,6 +3,7 @@
 //! the typed round trip for unknown elements and wrong types.
 
 use std::collections::HashSet;
+use std::fmt::Write as _;
 
 use base64::Engine;
 use serde_json::{Map, Value};
@@ -24,7 +25,7 @@ pub fn validate_resource<'a>(v: &'a Value, limits: &Limits) -> Result<&'a str, F
     let ty = resource_type_of(obj)?;
     let mut issues = Vec::new();
     check_resource_shell(obj, ty, &mut issues);
-    walk(v, ty, &mut String::from(ty), limits, &mut issues);
+    walk(v, ty, &mut Path::new(ty), limits, &mut issues);
     if ty == "Bundle" {
         check_bundle(obj, limits, &mut issues);
     }
@@ -107,78 +108,132 @@ fn check_resource_shell(obj: &Map<String, Value>, ty: &str, issues: &mut Vec<Iss
     }
 }
 
+/// Where the walk is: rendered to a FHIRPath-like string only when an issue needs it.
+struct Path<'a> {
+    root: &'a str,
+    segments: Vec<Segment<'a>>,
+}
+
+enum Segment<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+impl<'a> Path<'a> {
+    fn new(root: &'a str) -> Self {
+        Path { root, segments: Vec::with_capacity(16) }
+    }
+
+    fn render(&self) -> String {
+        let mut s = String::from(self.root);
+        for seg in &self.segments {
+            match seg {
+                Segment::Key(k) => {
+                    s.push('.');
+                    s.push_str(k);
+                }
+                Segment::Index(i) => {
+                    let _ = write!(s, "[{i}]");
+                }
+            }
+        }
+        s
+    }
+
+    fn then(&self, key: &str) -> String {
+        format!("{}.{key}", self.render())
+    }
+}
+
 /// Generic rules for every element: no empty objects, arrays or strings (ele-1 and the
 /// JSON format rules), no nulls outside primitive arrays, bounded strings, attachments
 /// whose `size` matches their data, narrative without active content.
-fn walk(v: &Value, ty: &str, path: &mut String, limits: &Limits, issues: &mut Vec<Issue>) {
+fn walk<'a>(v: &'a Value, ty: &str, path: &mut Path<'a>, limits: &Limits, issues: &mut Vec<Issue>) {
     if issues.len() >= 20 {
         return;
     }
     match v {
         Value::Object(map) => {
             if map.is_empty() {
-                issues.push(Issue::error(IssueCode::Invariant, "ele-1: an element must have a value or children (empty object)").at(path.clone()));
+                issues.push(Issue::error(IssueCode::Invariant, "ele-1: an element must have a value or children (empty object)").at(path.render()));
                 return;
             }
             check_attachment(map, path, issues);
             check_period(map, path, issues);
             for (k, child) in map {
-                let len = path.len();
-                path.push('.');
-                path.push_str(k);
+                path.segments.push(Segment::Key(k));
                 match (k.as_str(), child) {
                     // Bundle entries' resources are validated as resources of their own by check_bundle.
                     ("resource" | "outcome", Value::Object(o)) if o.contains_key("resourceType") && ty == "Bundle" => {}
                     ("div", Value::String(s)) => check_xhtml(s, path, issues),
                     ("data", Value::String(_)) => {}
-                    (_, Value::Null) => issues.push(Issue::error(IssueCode::Structure, "null is not allowed as a property value").at(path.clone())),
+                    (_, Value::Null) => issues.push(Issue::error(IssueCode::Structure, "null is not allowed as a property value").at(path.render())),
                     _ => walk(child, ty, path, limits, issues),
                 }
-                path.truncate(len);
+                path.segments.pop();
             }
         }
         Value::Array(items) => {
             if items.is_empty() {
-                issues.push(Issue::error(IssueCode::Invalid, "arrays must not be empty").at(path.clone()));
+                issues.push(Issue::error(IssueCode::Invalid, "arrays must not be empty").at(path.render()));
                 return;
             }
             for (i, child) in items.iter().enumerate() {
-                let len = path.len();
-                path.push_str(&format!("[{i}]"));
                 // A null inside an array is legal: it aligns a primitive array with its `_` extensions.
                 if !child.is_null() {
+                    path.segments.push(Segment::Index(i));
                     walk(child, ty, path, limits, issues);
+                    path.segments.pop();
                 }
-                path.truncate(len);
             }
         }
         Value::String(s) => {
             if s.is_empty() {
-                issues.push(Issue::error(IssueCode::Invalid, "string values must not be empty").at(path.clone()));
+                issues.push(Issue::error(IssueCode::Invalid, "string values must not be empty").at(path.render()));
             } else if s.len() > limits.max_string_bytes {
                 issues.push(
-                    Issue::error(IssueCode::Invalid, format!("string is longer than {} bytes", limits.max_string_bytes)).at(path.clone()),
+                    Issue::error(IssueCode::Invalid, format!("string is longer than {} bytes", limits.max_string_bytes)).at(path.render()),
                 );
-            } else if s.trim().is_empty() {
-                issues.push(Issue::error(IssueCode::Invalid, "string values must have non-whitespace content").at(path.clone()));
-            } else if s.chars().any(|c| c.is_control() && !matches!(c, '\r' | '\n' | '\t')) {
-                issues.push(Issue::error(IssueCode::Invalid, "strings must not contain control characters other than CR, LF and TAB").at(path.clone()));
+            } else if let Some(message) = string_content_issue(s) {
+                issues.push(Issue::error(IssueCode::Invalid, message).at(path.render()));
             } else if limits.reject_html_in_strings && looks_like_html(s) {
-                issues.push(Issue::error(IssueCode::Invalid, "string contains embedded HTML tags, rejected by the security checks").at(path.clone()));
+                issues.push(Issue::error(IssueCode::Invalid, "string contains embedded HTML tags, rejected by the security checks").at(path.render()));
             }
         }
         _ => {}
     }
 }
 
+/// A string that is only whitespace, or holds a control character other than CR, LF and
+/// TAB (C0, DEL, C1). One pass over the bytes; this runs on every string of every resource.
+fn string_content_issue(s: &str) -> Option<&'static str> {
+    let b = s.as_bytes();
+    let mut blank = true;
+    let mut ascii = true;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'\r' | b'\n' | b'\t' | b' ' => {}
+            0..0x20 | 0x7f => return Some(CONTROL),
+            // C1 controls, U+0080..U+009F, are 0xC2 0x80..0x9F in UTF-8.
+            0xc2 if b.get(i + 1).is_some_and(|n| (0x80..0xa0).contains(n)) => return Some(CONTROL),
+            0x80.. => ascii = false,
+            _ => blank = false,
+        }
+    }
+    // Non-ASCII whitespace (no-break space and the like) only matters when nothing else is there.
+    if blank && (ascii || s.trim().is_empty()) { Some("string values must have non-whitespace content") } else { None }
+}
+
+const CONTROL: &str = "strings must not contain control characters other than CR, LF and TAB";
+
 /// An Attachment's `data` must be base64, and `size` (when given) its decoded length.
-fn check_attachment(map: &Map<String, Value>, path: &str, issues: &mut Vec<Issue>) {
+fn check_attachment(map: &Map<String, Value>, path: &Path<'_>, issues: &mut Vec<Issue>) {
     let Some(Value::String(data)) = map.get("data") else { return };
     let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
     let decoded = match base64::engine::general_purpose::STANDARD.decode(compact.as_bytes()) {
         Ok(d) => d,
         Err(_) => {
-            issues.push(Issue::error(IssueCode::Invalid, "data is not valid base64").at(format!("{path}.data")));
+            issues.push(Issue::error(IssueCode::Invalid, "data is not valid base64").at(path.then("data")));
             return;
         }
     };
@@ -187,24 +242,24 @@ fn check_attachment(map: &Map<String, Value>, path: &str, issues: &mut Vec<Issue
             Some(n) if n as usize == decoded.len() => {}
             Some(_) => issues.push(
                 Issue::error(IssueCode::Structure, format!("size does not match the decoded data length ({} bytes)", decoded.len()))
-                    .at(format!("{path}.size")),
+                    .at(path.then("size")),
             ),
-            None => issues.push(Issue::error(IssueCode::Structure, "size must be an unsigned integer").at(format!("{path}.size"))),
+            None => issues.push(Issue::error(IssueCode::Structure, "size must be an unsigned integer").at(path.then("size"))),
         }
     }
 }
 
 /// Narrative must be an XHTML `div` without active content (FHIR narrative rules, txt-1/txt-2).
-fn check_xhtml(div: &str, path: &str, issues: &mut Vec<Issue>) {
+fn check_xhtml(div: &str, path: &Path<'_>, issues: &mut Vec<Issue>) {
     let trimmed = div.trim_start();
     if !trimmed.starts_with("<div") {
-        issues.push(Issue::error(IssueCode::Invalid, "narrative must be an XHTML div element").at(path));
+        issues.push(Issue::error(IssueCode::Invalid, "narrative must be an XHTML div element").at(path.render()));
         return;
     }
     let lower = div.to_ascii_lowercase();
     let active = ["<script", "<iframe", "<object", "<embed", "<form", "<applet", "<base", "<link", "<meta", "<style", "javascript:"];
     if active.iter().any(|t| lower.contains(t)) || has_event_attribute(&lower) {
-        issues.push(Issue::error(IssueCode::Invariant, "txt-1: narrative contains active content (script, event handler or disallowed element)").at(path));
+        issues.push(Issue::error(IssueCode::Invariant, "txt-1: narrative contains active content (script, event handler or disallowed element)").at(path.render()));
     }
 }
 
@@ -391,7 +446,7 @@ fn check_que_12(items: &Value, path: &str, issues: &mut Vec<Issue>) {
 /// per-1 on anything shaped like a Period: start must not be after end. With FHIRPath's
 /// precision rules, values equal up to the shorter precision but of different precision
 /// cannot be compared, and that fails the invariant too.
-fn check_period(map: &Map<String, Value>, path: &str, issues: &mut Vec<Issue>) {
+fn check_period(map: &Map<String, Value>, path: &Path<'_>, issues: &mut Vec<Issue>) {
     let (Some(Value::String(start)), Some(Value::String(end))) = (map.get("start"), map.get("end")) else { return };
     let (Some(ps), Some(pe)) = (date_precision(start), date_precision(end)) else { return };
     let ok = if ps == pe && ps > 10 {
@@ -405,7 +460,7 @@ fn check_period(map: &Map<String, Value>, path: &str, issues: &mut Vec<Issue>) {
         a < b || (a == b && ps == pe)
     };
     if !ok {
-        issues.push(Issue::error(IssueCode::Invariant, "per-1: if present, start shall have a lower or equal value than end").at(path));
+        issues.push(Issue::error(IssueCode::Invariant, "per-1: if present, start shall have a lower or equal value than end").at(path.render()));
     }
 }
 
@@ -432,18 +487,32 @@ fn is_uuid(s: &str) -> bool {
 }
 
 fn bundle_without_resources(v: &Value) -> Value {
-    let mut shell = v.clone();
-    if let Some(entries) = shell.get_mut("entry").and_then(Value::as_array_mut) {
-        for e in entries {
-            if let Some(eo) = e.as_object_mut() {
-                eo.remove("resource");
-                if let Some(resp) = eo.get_mut("response").and_then(Value::as_object_mut) {
-                    resp.remove("outcome");
-                }
+    // Copies the Bundle's own elements only: the entries' resources (most of its size)
+    // are checked one by one and never cloned.
+    let Value::Object(map) = v else { return v.clone() };
+    let shell = map
+        .iter()
+        .map(|(k, val)| match (k.as_str(), val) {
+            ("entry", Value::Array(entries)) => (k.clone(), Value::Array(entries.iter().map(entry_shell).collect())),
+            _ => (k.clone(), val.clone()),
+        })
+        .collect();
+    Value::Object(shell)
+}
+
+fn entry_shell(e: &Value) -> Value {
+    let Value::Object(eo) = e else { return e.clone() };
+    let shell = eo
+        .iter()
+        .filter(|(k, _)| k.as_str() != "resource")
+        .map(|(k, val)| match (k.as_str(), val) {
+            ("response", Value::Object(resp)) => {
+                (k.clone(), Value::Object(resp.iter().filter(|(k, _)| k.as_str() != "outcome").map(|(k, v)| (k.clone(), v.clone())).collect()))
             }
-        }
-    }
-    shell
+            _ => (k.clone(), val.clone()),
+        })
+        .collect();
+    Value::Object(shell)
 }
 
 #[cfg(test)]
@@ -469,6 +538,27 @@ mod tests {
         assert_eq!(check(json!({"resourceType": "Patientt"})).unwrap_err().code(), IssueCode::Invalid);
         assert_eq!(check(json!({"resourceType": 5})).unwrap_err().code(), IssueCode::Structure);
         assert_eq!(check(json!([{"resourceType": "Patient"}])).unwrap_err().code(), IssueCode::Structure);
+    }
+
+    #[test]
+    fn whitespace_only_and_control_characters_are_rejected() {
+        for (bad, why) in [(" \t\r\n", "blank"), ("\u{a0}\u{2003}", "non-ASCII blank"), ("a\u{1}b", "C0"), ("a\u{7f}", "DEL"), ("x\u{85}", "C1")] {
+            assert!(string_content_issue(bad).is_some(), "{why}");
+        }
+        for good in ["a", " a ", "line\r\nnext\tcol", "Zoë \u{a0}x", "\u{a0}é", "日本"] {
+            assert_eq!(string_content_issue(good), None, "{good:?}");
+        }
+        // Same answers as the char-level rules they replace.
+        for s in ["\u{9f}", "\u{a0}", "é\u{80}", "\u{2028}", " \u{1}"] {
+            let old = if s.trim().is_empty() {
+                Some("blank")
+            } else if s.chars().any(|c| c.is_control() && !matches!(c, '\r' | '\n' | '\t')) {
+                Some("control")
+            } else {
+                None
+            };
+            assert_eq!(string_content_issue(s).is_some(), old.is_some(), "{s:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,490 @@
+//! Comparing the typed model's serialization with the JSON it was parsed from, without
+//! building the serialized tree: a `serde::Serializer` that walks the original `Value`
+//! alongside the typed model's output. Same rules as `first_difference` on the two trees
+//! (which the tests keep as the reference): every element sent must come back with an
+//! equal value; elements the model adds are ignored.
+
+use std::fmt::{self, Write as _};
+
+use serde::ser::{self, Serialize};
+use serde_json::{Map, Number, Value};
+
+/// The first element of `orig` (in key order) that the typed value does not reproduce, as
+/// a path below `path`; `Err` if the typed value could not be serialized at all.
+pub(crate) fn first_mismatch<T: Serialize + ?Sized>(orig: &Value, typed: &T, path: &mut String) -> Result<Option<String>, Error> {
+    typed.serialize(Cmp { orig, path })
+}
+
+/// A serialization failure of the typed model (not a mismatch).
+#[derive(Debug)]
+pub(crate) struct Error(String);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl ser::Error for Error {
+    fn custom<M: fmt::Display>(msg: M) -> Self {
+        Error(msg.to_string())
+    }
+}
+
+type Found = Result<Option<String>, Error>;
+
+struct Cmp<'a, 'p> {
+    orig: &'a Value,
+    path: &'p mut String,
+}
+
+impl<'a, 'p> Cmp<'a, 'p> {
+    fn here(&self) -> Found {
+        Ok(Some(self.path.clone()))
+    }
+
+    fn scalar(self, same: bool) -> Found {
+        if same { Ok(None) } else { self.here() }
+    }
+
+    fn number(self, n: Number) -> Found {
+        let Value::Number(a) = self.orig else { return self.here() };
+        let (x, y) = (a.as_f64().unwrap_or(f64::NAN), n.as_f64().unwrap_or(f64::NAN));
+        let same = *a == n || x == y || ((x - y).abs() <= 1e-9 * x.abs().max(y.abs()));
+        self.scalar(same)
+    }
+
+    fn float(self, y: f64) -> Found {
+        match Number::from_f64(y) {
+            Some(n) => self.number(n),
+            // serde_json writes NaN and infinities as null.
+            None => {
+                let same = self.orig.is_null();
+                self.scalar(same)
+            }
+        }
+    }
+
+    fn object(self) -> Result<Obj<'a, 'p>, Error> {
+        Ok(Obj { orig: self.orig.as_object(), path: self.path, seen: Seen::default(), first: None, key: None })
+    }
+}
+
+/// The typed model's string against the original: equal, the same instant spelled
+/// differently, or base64 with whitespace that the model dropped.
+fn same_string(a: &str, b: &str) -> bool {
+    a == b || crate::typed::same_instant(a, b) || (a.contains(|c: char| c.is_ascii_whitespace()) && a.split_ascii_whitespace().eq_by_str(b))
+}
+
+trait EqByStr {
+    fn eq_by_str(self, b: &str) -> bool;
+}
+
+impl<'x, I: Iterator<Item = &'x str>> EqByStr for I {
+    fn eq_by_str(self, b: &str) -> bool {
+        let mut rest = b;
+        for part in self {
+            match rest.strip_prefix(part) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        }
+        rest.is_empty()
+    }
+}
+
+impl<'a, 'p> ser::Serializer for Cmp<'a, 'p> {
+    type Ok = Option<String>;
+    type Error = Error;
+    type SerializeSeq = Seq<'a, 'p>;
+    type SerializeTuple = Seq<'a, 'p>;
+    type SerializeTupleStruct = Seq<'a, 'p>;
+    type SerializeTupleVariant = ser::Impossible<Option<String>, Error>;
+    type SerializeMap = Obj<'a, 'p>;
+    type SerializeStruct = Obj<'a, 'p>;
+    type SerializeStructVariant = ser::Impossible<Option<String>, Error>;
+
+    fn serialize_bool(self, v: bool) -> Found {
+        let same = self.orig.as_bool() == Some(v);
+        self.scalar(same)
+    }
+    fn serialize_i8(self, v: i8) -> Found {
+        self.number(Number::from(v))
+    }
+    fn serialize_i16(self, v: i16) -> Found {
+        self.number(Number::from(v))
+    }
+    fn serialize_i32(self, v: i32) -> Found {
+        self.number(Number::from(v))
+    }
+    fn serialize_i64(self, v: i64) -> Found {
+        self.number(Number::from(v))
+    }
+    fn serialize_i128(self, v: i128) -> Found {
+        match i64::try_from(v) {
+            Ok(v) => self.number(Number::from(v)),
+            Err(_) => self.float(v as f64),
+        }
+    }
+    fn serialize_u8(self, v: u8) -> Found {
+        self.number(Number::from(v))
+    }
+    fn serialize_u16(self, v: u16) -> Found {
+        self.number(Number::from(v))
+    }
+    fn serialize_u32(self, v: u32) -> Found {
+        self.number(Number::from(v))
+    }
+    fn serialize_u64(self, v: u64) -> Found {
+        self.number(Number::from(v))
+    }
+    fn serialize_u128(self, v: u128) -> Found {
+        match u64::try_from(v) {
+            Ok(v) => self.number(Number::from(v)),
+            Err(_) => self.float(v as f64),
+        }
+    }
+    fn serialize_f32(self, v: f32) -> Found {
+        self.float(f64::from(v))
+    }
+    fn serialize_f64(self, v: f64) -> Found {
+        self.float(v)
+    }
+    fn serialize_char(self, v: char) -> Found {
+        let mut b = [0; 4];
+        self.serialize_str(v.encode_utf8(&mut b))
+    }
+    fn serialize_str(self, v: &str) -> Found {
+        let same = matches!(self.orig, Value::String(a) if same_string(a, v));
+        self.scalar(same)
+    }
+    fn serialize_bytes(self, v: &[u8]) -> Found {
+        // serde_json writes bytes as an array of numbers.
+        let same = matches!(self.orig, Value::Array(a) if a.len() == v.len() && a.iter().zip(v).all(|(x, y)| x.as_u64() == Some(u64::from(*y))));
+        self.scalar(same)
+    }
+    fn serialize_none(self) -> Found {
+        self.serialize_unit()
+    }
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Found {
+        value.serialize(self)
+    }
+    fn serialize_unit(self) -> Found {
+        let same = self.orig.is_null();
+        self.scalar(same)
+    }
+    fn serialize_unit_struct(self, _name: &'static str) -> Found {
+        self.serialize_unit()
+    }
+    fn serialize_unit_variant(self, _name: &'static str, _index: u32, variant: &'static str) -> Found {
+        self.serialize_str(variant)
+    }
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _name: &'static str, value: &T) -> Found {
+        value.serialize(self)
+    }
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(self, _name: &'static str, _index: u32, variant: &'static str, value: &T) -> Found {
+        // `{variant: value}`
+        let mut obj = self.object()?;
+        ser::SerializeStruct::serialize_field(&mut obj, variant, value)?;
+        ser::SerializeStruct::end(obj)
+    }
+    fn serialize_seq(self, len: Option<usize>) -> Result<Seq<'a, 'p>, Error> {
+        let items = match self.orig {
+            Value::Array(items) => Some(items.as_slice()),
+            _ => None,
+        };
+        // A known length that differs is a mismatch at the array itself; decided at the end.
+        Ok(Seq { items, path: self.path, next: 0, first: None, len_hint: len })
+    }
+    fn serialize_tuple(self, len: usize) -> Result<Seq<'a, 'p>, Error> {
+        self.serialize_seq(Some(len))
+    }
+    fn serialize_tuple_struct(self, _name: &'static str, len: usize) -> Result<Seq<'a, 'p>, Error> {
+        self.serialize_seq(Some(len))
+    }
+    fn serialize_tuple_variant(self, _: &'static str, _: u32, _: &'static str, _: usize) -> Result<Self::SerializeTupleVariant, Error> {
+        Err(ser::Error::custom("tuple variants do not occur in the FHIR models"))
+    }
+    fn serialize_map(self, _len: Option<usize>) -> Result<Obj<'a, 'p>, Error> {
+        self.object()
+    }
+    fn serialize_struct(self, _name: &'static str, _len: usize) -> Result<Obj<'a, 'p>, Error> {
+        self.object()
+    }
+    fn serialize_struct_variant(self, _: &'static str, _: u32, _: &'static str, _: usize) -> Result<Self::SerializeStructVariant, Error> {
+        Err(ser::Error::custom("struct variants do not occur in the FHIR models"))
+    }
+}
+
+struct Seq<'a, 'p> {
+    /// None when the original is not an array (a mismatch, reported at the end).
+    items: Option<&'a [Value]>,
+    path: &'p mut String,
+    next: usize,
+    first: Option<String>,
+    len_hint: Option<usize>,
+}
+
+impl Seq<'_, '_> {
+    fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
+        let i = self.next;
+        self.next += 1;
+        let Some(items) = self.items else { return Ok(()) };
+        if self.first.is_some() || self.len_hint.is_some_and(|n| n != items.len()) {
+            return Ok(());
+        }
+        let Some(orig) = items.get(i) else { return Ok(()) };
+        let len = self.path.len();
+        let _ = write!(self.path, "[{i}]");
+        self.first = value.serialize(Cmp { orig, path: &mut *self.path })?;
+        self.path.truncate(len);
+        Ok(())
+    }
+
+    fn finish(self) -> Found {
+        match self.items {
+            Some(items) if items.len() == self.next => Ok(self.first),
+            _ => Ok(Some(self.path.clone())),
+        }
+    }
+}
+
+impl ser::SerializeSeq for Seq<'_, '_> {
+    type Ok = Option<String>;
+    type Error = Error;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
+        self.element(value)
+    }
+    fn end(self) -> Found {
+        self.finish()
+    }
+}
+
+impl ser::SerializeTuple for Seq<'_, '_> {
+    type Ok = Option<String>;
+    type Error = Error;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
+        self.element(value)
+    }
+    fn end(self) -> Found {
+        self.finish()
+    }
+}
+
+impl ser::SerializeTupleStruct for Seq<'_, '_> {
+    type Ok = Option<String>;
+    type Error = Error;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
+        self.element(value)
+    }
+    fn end(self) -> Found {
+        self.finish()
+    }
+}
+
+struct Obj<'a, 'p> {
+    /// None when the original is not an object (a mismatch, reported at the end).
+    orig: Option<&'a Map<String, Value>>,
+    path: &'p mut String,
+    /// Keys of `orig` that came back (positions in key order).
+    seen: Seen,
+    /// The earliest mismatch so far: (position of its key in `orig`, path).
+    first: Option<(usize, String)>,
+    /// The key of a map entry whose value comes next.
+    key: Option<String>,
+}
+
+impl Obj<'_, '_> {
+    fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), Error> {
+        let Some(map) = self.orig else { return Ok(()) };
+        // Elements the model adds (a default resourceType, say) are not compared.
+        let Some((pos, (_, orig))) = map.iter().enumerate().find(|(_, (k, _))| k.as_str() == key) else { return Ok(()) };
+        if !self.seen.insert(pos) {
+            return Err(ser::Error::custom("the typed model wrote an element twice"));
+        }
+        if self.first.as_ref().is_some_and(|(p, _)| *p < pos) {
+            return Ok(());
+        }
+        let len = self.path.len();
+        self.path.push('.');
+        self.path.push_str(key);
+        if let Some(p) = value.serialize(Cmp { orig, path: &mut *self.path })? {
+            self.first = Some((pos, p));
+        }
+        self.path.truncate(len);
+        Ok(())
+    }
+
+    fn finish(self) -> Found {
+        let Some(map) = self.orig else { return Ok(Some(self.path.clone())) };
+        // A key of the original that never came back is dropped content.
+        let missing = (0..map.len()).find(|&p| !self.seen.contains(p));
+        match (missing, self.first) {
+            (Some(m), first) if first.as_ref().is_none_or(|(p, _)| m < *p) => {
+                let key = map.keys().nth(m).map_or("", String::as_str);
+                Ok(Some(format!("{}.{key}", self.path)))
+            }
+            (_, first) => Ok(first.map(|(_, p)| p)),
+        }
+    }
+}
+
+/// A set of key positions: a bit mask for the first 64 (every FHIR element has fewer).
+#[derive(Default)]
+struct Seen {
+    bits: u64,
+    more: Vec<usize>,
+}
+
+impl Seen {
+    /// False if `pos` was there already.
+    fn insert(&mut self, pos: usize) -> bool {
+        if pos < 64 {
+            let had = self.bits & (1 << pos) != 0;
+            self.bits |= 1 << pos;
+            !had
+        } else if self.more.contains(&pos) {
+            false
+        } else {
+            self.more.push(pos);
+            true
+        }
+    }
+
+    fn contains(&self, pos: usize) -> bool {
+        if pos < 64 { self.bits & (1 << pos) != 0 } else { self.more.contains(&pos) }
+    }
+}
+
+impl ser::SerializeStruct for Obj<'_, '_> {
+    type Ok = Option<String>;
+    type Error = Error;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), Error> {
+        self.field(key, value)
+    }
+    fn end(self) -> Found {
+        self.finish()
+    }
+}
+
+impl ser::SerializeMap for Obj<'_, '_> {
+    type Ok = Option<String>;
+    type Error = Error;
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), Error> {
+        self.key = Some(key.serialize(KeyString)?);
+        Ok(())
+    }
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
+        let key = self.key.take().ok_or_else(|| ser::Error::custom("a map value without a key"))?;
+        self.field(&key, value)
+    }
+    fn end(self) -> Found {
+        self.finish()
+    }
+}
+
+/// Map keys: strings only, as in JSON.
+struct KeyString;
+
+impl ser::Serializer for KeyString {
+    type Ok = String;
+    type Error = Error;
+    type SerializeSeq = ser::Impossible<String, Error>;
+    type SerializeTuple = ser::Impossible<String, Error>;
+    type SerializeTupleStruct = ser::Impossible<String, Error>;
+    type SerializeTupleVariant = ser::Impossible<String, Error>;
+    type SerializeMap = ser::Impossible<String, Error>;
+    type SerializeStruct = ser::Impossible<String, Error>;
+    type SerializeStructVariant = ser::Impossible<String, Error>;
+
+    fn serialize_str(self, v: &str) -> Result<String, Error> {
+        Ok(v.to_owned())
+    }
+    fn serialize_unit_variant(self, _: &'static str, _: u32, variant: &'static str) -> Result<String, Error> {
+        Ok(variant.to_owned())
+    }
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _: &'static str, value: &T) -> Result<String, Error> {
+        value.serialize(self)
+    }
+    fn serialize_bool(self, _: bool) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_i8(self, _: i8) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_i16(self, _: i16) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_i32(self, _: i32) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_i64(self, _: i64) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_u8(self, _: u8) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_u16(self, _: u16) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_u32(self, _: u32) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_u64(self, _: u64) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_f32(self, _: f32) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_f64(self, _: f64) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_char(self, v: char) -> Result<String, Error> {
+        Ok(v.to_string())
+    }
+    fn serialize_bytes(self, _: &[u8]) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_none(self) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<String, Error> {
+        value.serialize(self)
+    }
+    fn serialize_unit(self) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_unit_struct(self, _: &'static str) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(self, _: &'static str, _: u32, _: &'static str, _: &T) -> Result<String, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeTupleStruct, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_tuple_variant(self, _: &'static str, _: u32, _: &'static str, _: usize) -> Result<Self::SerializeTupleVariant, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, Error> {
+        Err(non_string_key())
+    }
+    fn serialize_struct_variant(self, _: &'static str, _: u32, _: &'static str, _: usize) -> Result<Self::SerializeStructVariant, Error> {
+        Err(non_string_key())
+    }
+}
+
+fn non_string_key() -> Error {
+    ser::Error::custom("map keys must be strings")
+}
