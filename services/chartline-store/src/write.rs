@@ -86,6 +86,9 @@ pub struct IngestRecord {
 /// An open write transaction. Dropped without [`StoreTx::commit`], it rolls back.
 pub struct StoreTx {
     tx: Transaction<'static, Postgres>,
+    /// Rows this transaction has locked and read (None: no such row when looked up), so
+    /// that [`StoreTx::write`] does not look them up again. Cleared on rollback to a savepoint.
+    locked: HashMap<(String, String), Option<Current>>,
     now: DateTime<Utc>,
     debounce: chrono::Duration,
     enqueue_jobs: bool,
@@ -103,7 +106,7 @@ impl StoreTx {
         // Postgres keeps microseconds; truncating here keeps meta.lastUpdated and the row equal.
         let now = Utc::now();
         let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
-        StoreTx { tx, now, debounce, enqueue_jobs: true }
+        StoreTx { tx, locked: HashMap::new(), now, debounce, enqueue_jobs: true }
     }
 
     /// Writes in this transaction enqueue no summary jobs (the summary's own resources).
@@ -162,20 +165,19 @@ impl StoreTx {
     }
 
     /// The canonical content hash of each current resource among `keys` (for deciding
-    /// whether a POST with a client-chosen id is a re-send of the same content).
+    /// whether a POST with a client-chosen id is a re-send of the same content). The rows
+    /// are locked and remembered: a following [`StoreTx::write`] of the same keys uses them.
     pub async fn current_hashes(&mut self, keys: &[(String, String)]) -> Result<HashMap<(String, String), Vec<u8>>, StoreError> {
         let (types, ids): (Vec<&str>, Vec<&str>) = keys.iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip();
-        let rows = sqlx::query(
-            "select r.resource_type, r.id, r.sha256 from unnest($1::text[], $2::text[]) as k(resource_type, id)
-             join resource r using (resource_type, id) where not r.deleted",
-        )
-        .bind(&types)
-        .bind(&ids)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        rows.iter()
-            .map(|r| Ok(((r.try_get("resource_type")?, r.try_get("id")?), r.try_get("sha256")?)))
-            .collect()
+        let found = self.lock_current(&types, &ids).await?;
+        let hashes = found.iter().filter(|(_, c)| !c.deleted).map(|(k, c)| (k.clone(), c.sha256.clone())).collect();
+        for k in keys {
+            self.locked.entry(k.clone()).or_insert(None);
+        }
+        for (k, c) in found {
+            self.locked.insert(k, Some(c));
+        }
+        Ok(hashes)
     }
 
     async fn lock_current(&mut self, types: &[&str], ids: &[&str]) -> Result<HashMap<(String, String), Current>, StoreError> {
@@ -210,7 +212,23 @@ impl StoreTx {
         }
         let types: Vec<&str> = writes.iter().map(|w| w.resource_type.as_str()).collect();
         let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
-        let mut current = self.lock_current(&types, &ids).await?;
+        // Rows locked earlier in this transaction are known; the others are locked now.
+        let mut current = HashMap::new();
+        let mut unknown = Vec::new();
+        for (i, w) in writes.iter().enumerate() {
+            match self.locked.remove(&(w.resource_type.clone(), w.id.clone())) {
+                Some(Some(c)) => {
+                    current.insert((w.resource_type.clone(), w.id.clone()), c);
+                }
+                Some(None) => {}
+                None => unknown.push(i),
+            }
+        }
+        if !unknown.is_empty() {
+            let ut: Vec<&str> = unknown.iter().map(|&i| types[i]).collect();
+            let ui: Vec<&str> = unknown.iter().map(|&i| ids[i]).collect();
+            current.extend(self.lock_current(&ut, &ui).await?);
+        }
 
         // Create the rows that do not exist yet. A concurrent transaction may create the
         // same key first: ON CONFLICT skips it, and the row is then locked and updated.
@@ -441,6 +459,7 @@ impl StoreTx {
     /// Marks a resource deleted (a new version with no content). Returns the new version,
     /// or None when there was nothing to delete.
     pub async fn delete(&mut self, resource_type: &str, id: &str, ingest_id: Option<i64>) -> Result<Option<i64>, StoreError> {
+        self.locked.remove(&(resource_type.to_owned(), id.to_owned()));
         let cur = self.lock_current(&[resource_type], &[id]).await?;
         let Some(c) = cur.get(&(resource_type.to_owned(), id.to_owned())) else { return Ok(None) };
         if c.deleted {
@@ -541,6 +560,8 @@ impl StoreTx {
 
     /// Undoes everything since [`StoreTx::savepoint`]; the transaction stays usable.
     pub async fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
+        // Locks and rows taken since the savepoint are gone with it.
+        self.locked.clear();
         sqlx::query("rollback to savepoint chartline_entry").execute(&mut *self.tx).await?;
         Ok(())
     }
