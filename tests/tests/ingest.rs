@@ -381,3 +381,60 @@ async fn a_batch_stores_its_good_entries_and_reports_each_bad_one(pool: PgPool) 
     let jobs: Vec<String> = sqlx::query_scalar("select patient_id from summary_job order by 1").fetch_all(&pool).await.expect("jobs");
     assert_eq!(jobs, ["b1", "b4"], "changed patients get a summary job in the same transaction");
 }
+
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn a_batch_in_one_pass_ends_as_entry_by_entry_would(pool: PgPool) {
+    let server = start_server(pool.clone(), Limits::default()).await;
+    let org = |n: &str| {
+        json!({"resource": {"resourceType": "Organization", "identifier": [{"system": "urn:t", "value": n}], "name": format!("Org {n}")},
+               "request": {"method": "POST", "url": "Organization", "ifNoneExist": format!("identifier=urn:t|{n}")}})
+    };
+    let statuses = |resp: &Value| -> Vec<String> {
+        resp["entry"].as_array().expect("entries").iter().map(|e| e["response"]["status"].as_str().unwrap_or("").to_owned()).collect()
+    };
+    let orgs = |n: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("select count(*) from resource_identifier where resource_type = 'Organization' and value = $1")
+                .bind(n)
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+        }
+    };
+
+    // Independent entries, then the same again: created, then found by their conditions.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [org("1"), org("2"), org("3")]});
+    let (status, resp) = server.post("", serde_json::to_vec(&batch).expect("json")).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(statuses(&resp), ["201 Created"; 3]);
+    let (_, resp) = server.post("", serde_json::to_vec(&batch).expect("json")).await;
+    assert_eq!(statuses(&resp), ["200 OK"; 3], "{resp}");
+    assert_eq!((orgs("1").await, orgs("2").await, orgs("3").await), (1, 1, 1));
+
+    // A conditional create that an earlier entry of the same batch satisfies: entry by
+    // entry, it finds that entry's resource instead of making a second one.
+    let mut plain = org("9");
+    plain["request"] = json!({"method": "POST", "url": "Organization"});
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [plain, org("9")]});
+    let (_, resp) = server.post("", serde_json::to_vec(&batch).expect("json")).await;
+    assert_eq!(statuses(&resp), ["201 Created", "200 OK"], "{resp}");
+    assert_eq!(orgs("9").await, 1);
+
+    // Every entry well-formed, one failing when applied: the others are still stored.
+    let bad = json!({"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                                  "performer": [{"reference": "Practitioner?identifier=urn:none|0"}]},
+                     "request": {"method": "POST", "url": "Observation"}});
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [org("4"), bad, org("5")]});
+    let (status, resp) = server.post("", serde_json::to_vec(&batch).expect("json")).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(statuses(&resp), ["201 Created", "400 Bad Request", "201 Created"]);
+    assert_eq!((orgs("4").await, orgs("5").await), (1, 1));
+    let observations: i64 = sqlx::query_scalar("select count(*) from resource where resource_type = 'Observation'").fetch_one(&pool).await.expect("count");
+    assert_eq!(observations, 0);
+    let log: (String, i32, i32) = sqlx::query_as("select outcome, created, rejected from ingest_log where kind = 'batch' order by id desc limit 1")
+        .fetch_one(&pool)
+        .await
+        .expect("log");
+    assert_eq!(log, ("partial".to_owned(), 2, 1));
+}

@@ -243,6 +243,47 @@ pub(crate) async fn apply(
     Ok(results.into_iter().flatten().collect())
 }
 
+/// Whether a batch's entries can be applied together, with the same outcome as one by one
+/// in order: no conditional create or update that another entry of the batch could satisfy
+/// (entry by entry, the later one would find the earlier one's resource). Entries that
+/// address the same resource are refused by [`apply`] itself, which sends the batch back
+/// to the entry-by-entry path.
+pub(crate) fn independent(entries: &[Entry]) -> bool {
+    // What each entry would be found by: its identifiers and the id it asks for.
+    let mut by_identifier: HashMap<(&str, String), Vec<(usize, String)>> = HashMap::new();
+    let mut by_id: HashMap<(&str, String), usize> = HashMap::new();
+    let mut conditional = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if let Some(r) = &e.resource {
+            for (system, value) in identifiers(r) {
+                by_identifier.entry((e.resource_type.as_str(), value)).or_default().push((i, system));
+            }
+            by_id.insert((e.resource_type.as_str(), candidate_id(e).0), i);
+        }
+        if let Method::Post { if_none_exist: Some(q) } | Method::ConditionalPut { query: q } = &e.method {
+            conditional.push((i, q));
+        }
+    }
+    let mut queries = HashSet::new();
+    for (i, query) in conditional {
+        let e = &entries[i];
+        if !queries.insert((e.resource_type.as_str(), query.as_str())) {
+            return false;
+        }
+        let satisfied_by_another = match parse_query(query, &e.location) {
+            Err(_) => return false,
+            Ok(Criterion::Identifier { system, value }) => by_identifier
+                .get(&(e.resource_type.as_str(), value))
+                .is_some_and(|found| found.iter().any(|(j, s)| *j != i && system.as_ref().is_none_or(|want| want == s))),
+            Ok(Criterion::Id(id)) => by_id.get(&(e.resource_type.as_str(), id)).is_some_and(|&j| j != i),
+        };
+        if satisfied_by_another {
+            return false;
+        }
+    }
+    true
+}
+
 fn multiple(location: &str, what: &str) -> IngestError {
     FhirError::at(IssueCode::MultipleMatches, location, format!("{what} matches more than one resource")).into()
 }
