@@ -229,6 +229,24 @@ impl Store {
         Ok(n)
     }
 
+    /// How many resources are stored (current, not deleted).
+    pub async fn count_current_resources(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("select count(*) from resource where not deleted").fetch_one(&self.pool).await?)
+    }
+
+    /// Empties the ingest tables between benchmark runs. Refuses unless the database is a
+    /// benchmark's own (`chartline_bench…`, as scripts/bench-ingest.sh names it).
+    pub async fn reset_benchmark_database(&self) -> Result<(), StoreError> {
+        let name: String = sqlx::query_scalar("select current_database()").fetch_one(&self.pool).await?;
+        if !name.starts_with("chartline_bench") {
+            return Err(StoreError::Corrupt(format!("refusing to empty database {name}: not a benchmark database")));
+        }
+        sqlx::query("truncate resource, resource_history, resource_identifier, patient_event, ingest_log, summary_job restart identity")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records an ingest that stored nothing (rejected before or during its transaction).
     pub async fn log_rejection(&self, record: &crate::IngestRecord, issues: &Value) -> Result<(), StoreError> {
         sqlx::query(

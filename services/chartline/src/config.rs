@@ -267,6 +267,10 @@ pub struct BenchIngestArgs {
     /// Concurrent HTTP clients sending patient Bundles.
     #[arg(long, default_value_t = 2)]
     pub clients: usize,
+    /// Runs of both the floor and Chartline (the tables are emptied between runs); the
+    /// ratio is taken of the medians.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
     /// The model (its tokenizer is loaded as `serve` does).
     #[arg(long, env = "CHARTLINE_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
