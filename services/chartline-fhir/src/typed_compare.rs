@@ -95,6 +95,24 @@ impl<'x, I: Iterator<Item = &'x str>> EqByStr for I {
     }
 }
 
+/// `fn $name(self, v: $ty)` comparing an integer as a JSON number.
+macro_rules! integers {
+    ($($name:ident: $ty:ty),*) => {$(
+        fn $name(self, v: $ty) -> Found {
+            self.number(Number::from(v))
+        }
+    )*};
+}
+
+/// `fn $name(self, _: $ty)` refusing a non-string map key.
+macro_rules! not_keys {
+    ($($name:ident: $ty:ty),*) => {$(
+        fn $name(self, _: $ty) -> Result<String, Error> {
+            Err(non_string_key())
+        }
+    )*};
+}
+
 impl<'a, 'p> ser::Serializer for Cmp<'a, 'p> {
     type Ok = Option<String>;
     type Error = Error;
@@ -110,36 +128,14 @@ impl<'a, 'p> ser::Serializer for Cmp<'a, 'p> {
         let same = self.orig.as_bool() == Some(v);
         self.scalar(same)
     }
-    fn serialize_i8(self, v: i8) -> Found {
-        self.number(Number::from(v))
-    }
-    fn serialize_i16(self, v: i16) -> Found {
-        self.number(Number::from(v))
-    }
-    fn serialize_i32(self, v: i32) -> Found {
-        self.number(Number::from(v))
-    }
-    fn serialize_i64(self, v: i64) -> Found {
-        self.number(Number::from(v))
-    }
+    integers!(serialize_i8: i8, serialize_i16: i16, serialize_i32: i32, serialize_i64: i64);
     fn serialize_i128(self, v: i128) -> Found {
         match i64::try_from(v) {
             Ok(v) => self.number(Number::from(v)),
             Err(_) => self.float(v as f64),
         }
     }
-    fn serialize_u8(self, v: u8) -> Found {
-        self.number(Number::from(v))
-    }
-    fn serialize_u16(self, v: u16) -> Found {
-        self.number(Number::from(v))
-    }
-    fn serialize_u32(self, v: u32) -> Found {
-        self.number(Number::from(v))
-    }
-    fn serialize_u64(self, v: u64) -> Found {
-        self.number(Number::from(v))
-    }
+    integers!(serialize_u8: u8, serialize_u16: u16, serialize_u32: u32, serialize_u64: u64);
     fn serialize_u128(self, v: u128) -> Found {
         match u64::try_from(v) {
             Ok(v) => self.number(Number::from(v)),
@@ -408,44 +404,10 @@ impl ser::Serializer for KeyString {
     fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _: &'static str, value: &T) -> Result<String, Error> {
         value.serialize(self)
     }
-    fn serialize_bool(self, _: bool) -> Result<String, Error> {
-        Err(non_string_key())
-    }
-    fn serialize_i8(self, _: i8) -> Result<String, Error> {
-        Err(non_string_key())
-    }
-    fn serialize_i16(self, _: i16) -> Result<String, Error> {
-        Err(non_string_key())
-    }
-    fn serialize_i32(self, _: i32) -> Result<String, Error> {
-        Err(non_string_key())
-    }
-    fn serialize_i64(self, _: i64) -> Result<String, Error> {
-        Err(non_string_key())
-    }
-    fn serialize_u8(self, _: u8) -> Result<String, Error> {
-        Err(non_string_key())
-    }
-    fn serialize_u16(self, _: u16) -> Result<String, Error> {
-        Err(non_string_key())
-    }
-    fn serialize_u32(self, _: u32) -> Result<String, Error> {
-        Err(non_string_key())
-    }
-    fn serialize_u64(self, _: u64) -> Result<String, Error> {
-        Err(non_string_key())
-    }
-    fn serialize_f32(self, _: f32) -> Result<String, Error> {
-        Err(non_string_key())
-    }
-    fn serialize_f64(self, _: f64) -> Result<String, Error> {
-        Err(non_string_key())
-    }
+    not_keys!(serialize_bool: bool, serialize_i8: i8, serialize_i16: i16, serialize_i32: i32, serialize_i64: i64, serialize_u8: u8,
+        serialize_u16: u16, serialize_u32: u32, serialize_u64: u64, serialize_f32: f32, serialize_f64: f64, serialize_bytes: &[u8]);
     fn serialize_char(self, v: char) -> Result<String, Error> {
         Ok(v.to_string())
-    }
-    fn serialize_bytes(self, _: &[u8]) -> Result<String, Error> {
-        Err(non_string_key())
     }
     fn serialize_none(self) -> Result<String, Error> {
         Err(non_string_key())
