@@ -137,23 +137,14 @@ impl Ingestor {
         // The common case, a batch of valid and independent entries, in one pass (a few
         // statements for the whole batch). Should any entry fail, the pass is undone and
         // the entries go one by one below, so each fails or succeeds on its own.
+        let mut outcomes: Vec<Result<Vec<EntryResult>, IngestError>> = Vec::with_capacity(entries.len());
         let group: Option<Vec<Entry>> = entries.iter().map(|e| e.as_ref().ok().cloned()).collect();
         if let Some(group) = group.filter(|g| g.len() > 1 && independent(g)) {
             tx.savepoint().await?;
             match apply(&mut tx, group, &mut known, &policy, Some(ingest_id)).await {
                 Ok(results) => {
                     tx.release_savepoint().await?;
-                    for r in &results {
-                        if let Some(o) = r.outcome {
-                            counts.record(o);
-                            writes.push(write_result(r, o));
-                        }
-                        out.push(response_entry(r));
-                    }
-                    tx.finish_ingest(ingest_id, &writes, 0, None).await?;
-                    tx.commit().await?;
-                    tracing::info!(created = counts.created, updated = counts.updated, unchanged = counts.unchanged, "batch processed in one pass");
-                    return Ok(BundleResponse { bundle: json!({"resourceType": "Bundle", "type": "batch-response", "entry": out}), counts });
+                    outcomes.extend(results.into_iter().map(|r| Ok(vec![r])));
                 }
                 Err(IngestError::Store(s)) => return Err(IngestError::Store(s)),
                 Err(_) => {
@@ -162,27 +153,30 @@ impl Ingestor {
                 }
             }
         }
-
-        for entry in entries {
-            let result = match entry {
-                Ok(e) => {
-                    tx.savepoint().await?;
-                    let mut local = known.clone();
-                    match apply(&mut tx, vec![e.clone()], &mut local, &policy, Some(ingest_id)).await {
-                        Ok(r) => {
-                            tx.release_savepoint().await?;
-                            known = local;
-                            Ok(r)
-                        }
-                        Err(IngestError::Store(s)) => return Err(IngestError::Store(s)),
-                        Err(err) => {
-                            tx.rollback_to_savepoint().await?;
-                            Err(err)
+        if outcomes.is_empty() {
+            for entry in entries {
+                outcomes.push(match entry {
+                    Ok(e) => {
+                        tx.savepoint().await?;
+                        let mut local = known.clone();
+                        match apply(&mut tx, vec![e.clone()], &mut local, &policy, Some(ingest_id)).await {
+                            Ok(r) => {
+                                tx.release_savepoint().await?;
+                                known = local;
+                                Ok(r)
+                            }
+                            Err(IngestError::Store(s)) => return Err(IngestError::Store(s)),
+                            Err(err) => {
+                                tx.rollback_to_savepoint().await?;
+                                Err(err)
+                            }
                         }
                     }
-                }
-                Err(f) => Err(IngestError::Invalid(f.clone())),
-            };
+                    Err(f) => Err(IngestError::Invalid(f.clone())),
+                });
+            }
+        }
+        for result in outcomes {
             match result {
                 Ok(results) => {
                     for r in &results {

@@ -216,9 +216,10 @@ impl StoreTx {
         let mut current = HashMap::new();
         let mut unknown = Vec::new();
         for (i, w) in writes.iter().enumerate() {
-            match self.locked.remove(&(w.resource_type.clone(), w.id.clone())) {
+            let key = (w.resource_type.clone(), w.id.clone());
+            match self.locked.remove(&key) {
                 Some(Some(c)) => {
-                    current.insert((w.resource_type.clone(), w.id.clone()), c);
+                    current.insert(key, c);
                 }
                 Some(None) => {}
                 None => unknown.push(i),
