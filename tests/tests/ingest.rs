@@ -1,6 +1,8 @@
 //! Ingest end to end: the real servers over a fresh PostgreSQL database per test.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
 
 use chartline_fhir::Limits;
 use serde_json::{Value, json};
@@ -437,4 +439,103 @@ async fn a_batch_in_one_pass_ends_as_entry_by_entry_would(pool: PgPool) {
         .await
         .expect("log");
     assert_eq!(log, ("partial".to_owned(), 2, 1));
+}
+
+/// Every stored value reads back as exactly what ingest derived from the stored version:
+/// the content text and its hash, the compartment, the identifiers and the timeline rows
+/// (times before and after 2000, fractional values, nulls, non-ASCII text).
+#[sqlx::test(migrator = "chartline_store::MIGRATOR")]
+async fn stored_rows_read_back_exactly_as_derived_from_each_stored_version(pool: PgPool) {
+    let server = start_server(pool.clone(), Limits::default()).await;
+    let files: Vec<_> = synthea_bundles().into_iter().take(5).collect();
+    server.load_synthea(&files).await;
+
+    type Row = (String, String, i64, Option<String>, Option<String>, Vec<u8>);
+    let versions: Vec<Row> = sqlx::query_as(
+        "select h.resource_type, h.id, h.version_id, h.patient_id, h.content, h.sha256
+         from resource_history h join resource r using (resource_type, id, version_id) order by 1, 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("versions");
+    assert!(versions.len() > 1_000, "five Bundles store many versions ({})", versions.len());
+    // All timeline and identifier rows, grouped by the version they index.
+    type Key = (String, String, i64);
+    type Event = (i32, String, Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<String>, Option<String>, Option<String>, Option<String>);
+    type Values = (Option<f64>, Option<String>, Option<String>, Option<f64>, Option<f64>, Option<String>, Option<String>, Option<String>);
+    let mut events: HashMap<Key, Vec<(Event, Values)>> = HashMap::new();
+    let heads: Vec<(String, String, i64)> =
+        sqlx::query_as("select resource_type, resource_id, version_id from patient_event order by resource_type, resource_id, version_id, component")
+            .fetch_all(&pool)
+            .await
+            .expect("event keys");
+    let firsts: Vec<Event> = sqlx::query_as(
+        "select component, kind, event_time, end_time, category, code_system, code, display
+         from patient_event order by resource_type, resource_id, version_id, component",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("events");
+    let seconds: Vec<Values> = sqlx::query_as(
+        "select value_num, value_text, unit, ref_low, ref_high, interpretation, status, patient_id
+         from patient_event order by resource_type, resource_id, version_id, component",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("event values");
+    for ((h, e), v) in heads.into_iter().zip(firsts).zip(seconds) {
+        events.entry((h.0, h.1, h.2)).or_default().push((e, v));
+    }
+    let mut identifiers: HashMap<(String, String), Vec<(String, String)>> = HashMap::new();
+    let rows: Vec<(String, String, String, String)> =
+        sqlx::query_as("select resource_type, id, system, value from resource_identifier").fetch_all(&pool).await.expect("identifiers");
+    for (t, i, s, v) in rows {
+        identifiers.entry((t, i)).or_default().push((s, v));
+    }
+
+    let (mut events_checked, mut identifiers_checked, mut before_2000) = (0, 0, 0);
+    for (ty, id, version, patient, content, sha) in &versions {
+        let content: Value = serde_json::from_str(content.as_deref().expect("current versions have content")).expect("JSON text");
+        assert_eq!(content["id"], json!(id));
+        assert_eq!(content["meta"]["versionId"], json!(version.to_string()));
+        assert_eq!(sha.as_slice(), chartline_fhir::content_sha256(&content).as_slice(), "{ty}/{id}: hash of the stored text");
+        assert_eq!(patient.as_deref(), chartline_fhir::patient_of(&content).as_deref(), "{ty}/{id}: compartment");
+
+        let stored = events.remove(&(ty.clone(), id.clone(), *version)).unwrap_or_default();
+        let micros = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_micros());
+        let expected = if patient.is_some() { chartline_fhir::extract_events(&content) } else { Vec::new() };
+        assert_eq!(stored.len(), expected.len(), "{ty}/{id}: one row per derived event");
+        for ((row, value), e) in stored.iter().zip(&expected) {
+            assert_eq!(row.0, e.component);
+            assert_eq!(row.1, e.kind);
+            assert_eq!(micros(row.2), micros(e.time), "{ty}/{id}: event_time");
+            assert_eq!(micros(row.3), micros(e.end_time), "{ty}/{id}: end_time");
+            assert_eq!((&row.4, &row.5, &row.6, &row.7), (&e.category, &e.code_system, &e.code, &e.display));
+            assert_eq!(value.0.map(f64::to_bits), e.value_num.map(f64::to_bits), "{ty}/{id}: value_num bit for bit");
+            assert_eq!((&value.1, &value.2), (&e.value_text, &e.unit));
+            assert_eq!(value.3.map(f64::to_bits), e.ref_low.map(f64::to_bits));
+            assert_eq!(value.4.map(f64::to_bits), e.ref_high.map(f64::to_bits));
+            assert_eq!((&value.5, &value.6), (&e.interpretation, &e.status));
+            assert_eq!(value.7.as_deref(), patient.as_deref());
+            if e.time.is_some_and(|t| t.timestamp() < 946_684_800) {
+                before_2000 += 1;
+            }
+            events_checked += 1;
+        }
+
+        let mut stored = identifiers.remove(&(ty.clone(), id.clone())).unwrap_or_default();
+        let mut want: Vec<(String, String)> = content["identifier"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| Some((i["system"].as_str().unwrap_or("").to_owned(), i["value"].as_str()?.to_owned())))
+            .collect();
+        stored.sort();
+        want.sort();
+        assert_eq!(stored, want, "{ty}/{id}: identifiers");
+        identifiers_checked += stored.len();
+    }
+    assert!(events.is_empty() && identifiers.is_empty(), "no rows index anything but a current version");
+    assert!(events_checked > 1_000 && identifiers_checked > 100, "{events_checked} events, {identifiers_checked} identifiers");
+    assert!(before_2000 > 0, "some events predate PostgreSQL's epoch (2000-01-01)");
 }

@@ -467,13 +467,18 @@ impl Store {
     /// Current Provenance resources whose target is `reference` (`Composition/{id}`).
     pub async fn provenance_resources_for(&self, reference: &str) -> Result<Vec<Value>, StoreError> {
         let probe = serde_json::json!({"target": [{"reference": reference}]});
-        let rows: Vec<sqlx::types::Json<Value>> = sqlx::query_scalar(
+        // Content is JSON text: the substring test (the reference as JSON spells it) skips
+        // the casts of unrelated Provenance.
+        let spelled = serde_json::to_string(reference).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let rows: Vec<String> = sqlx::query_scalar(
             "select h.content from resource r join resource_history h using (resource_type, id, version_id)
-             where r.resource_type = 'Provenance' and not r.deleted and h.content @> $1 order by r.id",
+             where r.resource_type = 'Provenance' and not r.deleted
+               and strpos(h.content, $2) > 0 and h.content::jsonb @> $1 order by r.id",
         )
         .bind(sqlx::types::Json(probe))
+        .bind(spelled.trim_matches('"'))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|j| j.0).collect())
+        rows.iter().map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(e.to_string()))).collect()
     }
 }

@@ -50,8 +50,15 @@ fn stored(row: &sqlx::postgres::PgRow) -> Result<StoredResource, StoreError> {
         id: row.try_get("id")?,
         version_id: row.try_get("version_id")?,
         last_updated: row.try_get("last_updated")?,
-        content: row.try_get::<Option<sqlx::types::Json<Value>>, _>("content")?.map(|j| j.0),
+        content: content(row)?,
     })
+}
+
+/// A version's content column (JSON text; null for a deleted version), decoded.
+pub(crate) fn content(row: &sqlx::postgres::PgRow) -> Result<Option<Value>, StoreError> {
+    row.try_get::<Option<&str>, _>("content")?
+        .map(|text| serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string())))
+        .transpose()
 }
 
 impl Store {

@@ -130,8 +130,7 @@ impl Store {
         .await?;
         rows.iter()
             .map(|r| {
-                let content: Option<sqlx::types::Json<serde_json::Value>> = r.try_get("content")?;
-                Ok((event_row(r)?, content.map(|c| c.0).unwrap_or(serde_json::Value::Null)))
+                Ok((event_row(r)?, crate::read::content(r)?.unwrap_or(serde_json::Value::Null)))
             })
             .collect()
     }
@@ -155,7 +154,7 @@ impl Store {
              join resource_history h on h.resource_type = e.resource_type and h.id = e.resource_id and h.version_id = e.version_id
              where e.patient_id = $1 and e.kind = any($2) and e.component = 0
                and (e.event_time is null or e.event_time <= $3)
-               and jsonb_path_exists(h.content, $4::jsonpath)
+               and jsonb_path_exists(h.content::jsonb, $4::jsonpath)
              order by e.event_time desc nulls last, e.resource_type, e.resource_id",
         )
         .bind(patient_id)
@@ -166,8 +165,7 @@ impl Store {
         .await?;
         rows.iter()
             .map(|r| {
-                let content: Option<sqlx::types::Json<serde_json::Value>> = r.try_get("content")?;
-                Ok((event_row(r)?, content.map(|c| c.0).unwrap_or(serde_json::Value::Null)))
+                Ok((event_row(r)?, crate::read::content(r)?.unwrap_or(serde_json::Value::Null)))
             })
             .collect()
     }

@@ -339,7 +339,7 @@ impl StoreTx {
             .await?;
         }
 
-        // History rows: the content with server-managed meta.
+        // History rows: the content with server-managed meta, as JSON text.
         let last_updated = self.now.to_rfc3339_opts(SecondsFormat::Micros, true);
         let mut ht = Vec::with_capacity(changed.len());
         let mut hi = Vec::with_capacity(changed.len());
@@ -363,7 +363,7 @@ impl StoreTx {
         }
         sqlx::query(
             "insert into resource_history (resource_type, id, version_id, last_updated, sha256, content, patient_id, ingest_id)
-             select t, i, v, $7, s, c::jsonb, p, $8
+             select t, i, v, $7, s, c, p, $8
              from unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::text[]) as x(t, i, v, s, c, p)",
         )
         .bind(&ht)
