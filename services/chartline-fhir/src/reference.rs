@@ -1,5 +1,7 @@
 //! FHIR `Reference.reference` strings: finding, classifying and rewriting them.
 
+use std::fmt::Write as _;
+
 use serde_json::Value;
 
 /// A classified `Reference.reference` value.
@@ -46,15 +48,16 @@ pub fn parse_reference(s: &str) -> Reference<'_> {
         return Reference::Other(s);
     }
     let absolute = s.contains("://");
-    let parts: Vec<&str> = s.split('/').collect();
-    // Look for the last `Type/id` (optionally followed by `_history/v`).
-    let n = parts.len();
-    let (ty, id, version) = if n >= 4 && parts[n - 2] == "_history" {
-        (parts[n - 4], parts[n - 3], Some(parts[n - 1]))
-    } else if n >= 2 {
-        (parts[n - 2], parts[n - 1], None)
+    // The last `Type/id`, optionally followed by `_history/v`.
+    let mut parts = s.rsplit('/');
+    let (Some(last), Some(before)) = (parts.next(), parts.next()) else { return Reference::Other(s) };
+    let (ty, id, version) = if before == "_history" {
+        match (parts.next(), parts.next()) {
+            (Some(id), Some(ty)) => (ty, id, Some(last)),
+            _ => return Reference::Other(s),
+        }
     } else {
-        return Reference::Other(s);
+        (before, last, None)
     };
     if crate::is_resource_type(ty) && crate::is_valid_id(id) {
         Reference::Literal { resource_type: ty, id, version, absolute }
@@ -85,7 +88,7 @@ pub fn for_each_reference(v: &Value, f: &mut dyn FnMut(&str, &str)) {
             Value::Array(items) => {
                 for (i, child) in items.iter().enumerate() {
                     let len = path.len();
-                    path.push_str(&format!("[{i}]"));
+                    let _ = write!(path, "[{i}]");
                     walk(child, path, f);
                     path.truncate(len);
                 }
@@ -97,28 +100,29 @@ pub fn for_each_reference(v: &Value, f: &mut dyn FnMut(&str, &str)) {
     walk(v, &mut path, f);
 }
 
-/// Calls `f(path, reference)` for every `reference` string in the tree, allowing rewrites.
-pub fn for_each_reference_mut<E>(
-    v: &mut Value,
-    f: &mut dyn FnMut(&str, &mut String) -> Result<(), E>,
-) -> Result<(), E> {
-    fn walk<E>(
-        v: &mut Value,
-        path: &mut String,
-        f: &mut dyn FnMut(&str, &mut String) -> Result<(), E>,
-    ) -> Result<(), E> {
+/// The kind of link element [`for_each_link_mut`] visits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// A `reference` string (`Reference.reference`).
+    Reference,
+    /// A `url` string (an Attachment's, an extension's…).
+    Url,
+}
+
+/// Calls `f(kind, path, value)` for every `reference` and every `url` string in the tree,
+/// allowing rewrites: one walk for the reference and url rules of a transaction.
+pub fn for_each_link_mut<E>(v: &mut Value, f: &mut dyn FnMut(Link, &str, &mut String) -> Result<(), E>) -> Result<(), E> {
+    fn walk<E>(v: &mut Value, path: &mut String, f: &mut dyn FnMut(Link, &str, &mut String) -> Result<(), E>) -> Result<(), E> {
         match v {
             Value::Object(map) => {
                 for (k, child) in map.iter_mut() {
                     let len = path.len();
                     path.push('.');
                     path.push_str(k);
-                    if k == "reference" {
-                        if let Value::String(s) = child {
-                            f(path, s)?;
-                        }
-                    } else {
-                        walk(child, path, f)?;
+                    match child {
+                        Value::String(s) if k == "reference" => f(Link::Reference, path, s)?,
+                        Value::String(s) if k == "url" => f(Link::Url, path, s)?,
+                        _ => walk(child, path, f)?,
                     }
                     path.truncate(len);
                 }
@@ -126,7 +130,7 @@ pub fn for_each_reference_mut<E>(
             Value::Array(items) => {
                 for (i, child) in items.iter_mut().enumerate() {
                     let len = path.len();
-                    path.push_str(&format!("[{i}]"));
+                    let _ = write!(path, "[{i}]");
                     walk(child, path, f)?;
                     path.truncate(len);
                 }
@@ -160,6 +164,13 @@ mod tests {
             Reference::Literal { resource_type: "Observation", id: "o1", version: Some("2"), absolute: true }
         );
         assert!(matches!(parse_reference("http://loinc.org"), Reference::Other(_)));
+        for other in ["Patient", "/", "_history/2", "Observation/_history/2", "Observation/o1/_history", "Foo/1", "Patient/a b"] {
+            assert!(matches!(parse_reference(other), Reference::Other(_)), "{other}");
+        }
+        assert_eq!(
+            parse_reference("Observation/o1/_history/2"),
+            Reference::Literal { resource_type: "Observation", id: "o1", version: Some("2"), absolute: false }
+        );
     }
 
     #[test]
@@ -170,13 +181,19 @@ mod tests {
             "participant": [{"individual": {"reference": "urn:uuid:2"}}]
         });
         let mut seen = vec![];
-        for_each_reference_mut::<()>(&mut v, &mut |path, r| {
-            seen.push(path.to_owned());
+        for_each_link_mut::<()>(&mut v, &mut |kind, path, r| {
+            seen.push((kind, path.to_owned()));
             *r = r.replace("urn:uuid:", "Patient/");
             Ok(())
         })
         .unwrap();
-        assert_eq!(seen, ["Encounter.participant[0].individual.reference", "Encounter.subject.reference"]);
+        assert_eq!(
+            seen,
+            [
+                (Link::Reference, "Encounter.participant[0].individual.reference".to_owned()),
+                (Link::Reference, "Encounter.subject.reference".to_owned())
+            ]
+        );
         assert_eq!(v["subject"]["reference"], "Patient/1");
     }
 }

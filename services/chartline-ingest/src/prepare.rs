@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chartline_fhir::{
-    FhirError, Issue, IssueCode, Reference, content_sha256, extract_events, for_each_reference_mut, is_valid_id,
+    FhirError, Issue, IssueCode, Reference, content_sha256, extract_events, for_each_link_mut, is_valid_id, Link,
     parse_reference, patient_of,
 };
 use chartline_store::{ResourceWrite, StoreTx, WriteOutcome};
@@ -83,39 +83,52 @@ pub(crate) async fn apply(
     policy: &Policy,
     ingest_id: Option<i64>,
 ) -> Result<Vec<EntryResult>, IngestError> {
-    // 1. Targets: which id each entry lands on.
+    // 1. Targets: which id each entry lands on. Conditional creates and updates lock their
+    //    queries and search the store together (one statement each, not two per entry).
+    let conditional: Vec<(usize, &str, &str)> = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match &e.method {
+            Method::Post { if_none_exist: Some(q) } | Method::ConditionalPut { query: q } => {
+                Some((i, e.resource_type.as_str(), q.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut found_for: HashMap<usize, Vec<String>> = HashMap::new();
+    if !conditional.is_empty() {
+        let criteria = conditional
+            .iter()
+            .map(|&(i, ty, q)| Ok((ty, parse_query(q, &entries[i].location)?)))
+            .collect::<Result<Vec<_>, IngestError>>()?;
+        tx.lock_keys(&conditional.iter().map(|(_, ty, q)| format!("{ty}?{q}")).collect::<Vec<_>>()).await?;
+        let found = search_all(tx, &criteria).await?;
+        found_for.extend(conditional.iter().map(|&(i, _, _)| i).zip(found));
+    }
     let mut targets = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let (id, action, provisional) = match &e.method {
-            Method::Post { if_none_exist: Some(q) } => {
-                tx.lock_key(&format!("{}?{}", e.resource_type, q)).await?;
-                let found = search(tx, &e.resource_type, q, &e.location).await?;
-                match found.as_slice() {
-                    [] => {
-                        let (id, p) = candidate_id(e);
-                        (id, Action::Write, p)
-                    }
-                    [one] => (one.clone(), Action::Matched, false),
-                    _ => return Err(multiple(&e.location, "ifNoneExist")),
+            Method::Post { if_none_exist: Some(_) } => match found_for.get(&i).map(Vec::as_slice).unwrap_or_default() {
+                [] => {
+                    let (id, p) = candidate_id(e);
+                    (id, Action::Write, p)
                 }
-            }
+                [one] => (one.clone(), Action::Matched, false),
+                _ => return Err(multiple(&e.location, "ifNoneExist")),
+            },
             Method::Post { if_none_exist: None } => {
                 let (id, p) = candidate_id(e);
                 (id, Action::Write, p)
             }
             Method::Put { id } => (id.clone(), Action::Write, false),
-            Method::ConditionalPut { query } => {
-                tx.lock_key(&format!("{}?{}", e.resource_type, query)).await?;
-                let found = search(tx, &e.resource_type, query, &e.location).await?;
-                match found.as_slice() {
-                    [] => {
-                        let (id, p) = candidate_id(e);
-                        (id, Action::Write, p)
-                    }
-                    [one] => (one.clone(), Action::Write, false),
-                    _ => return Err(multiple(&e.location, "the conditional update")),
+            Method::ConditionalPut { .. } => match found_for.get(&i).map(Vec::as_slice).unwrap_or_default() {
+                [] => {
+                    let (id, p) = candidate_id(e);
+                    (id, Action::Write, p)
                 }
-            }
+                [one] => (one.clone(), Action::Write, false),
+                _ => return Err(multiple(&e.location, "the conditional update")),
+            },
             Method::Delete { id } => (id.clone(), Action::Delete, false),
         };
         targets.push(Target { entry: i, id, action, provisional });
@@ -320,8 +333,21 @@ async fn resolve_references(
     known: &HashMap<String, (String, String)>,
     policy: &Policy,
 ) -> Result<(), IngestError> {
-    // Conditional references: one search per distinct query.
-    let mut conditional: HashMap<String, Result<String, IngestError>> = HashMap::new();
+    // Conditional references: every distinct one in the request, resolved together.
+    let mut wanted: Vec<(String, String)> = Vec::new();
+    {
+        let mut seen = HashSet::new();
+        for t in targets.iter().filter(|t| matches!(t.action, Action::Write)) {
+            let e = &entries[t.entry];
+            let Some(r) = &e.resource else { continue };
+            chartline_fhir::for_each_reference(r, &mut |_, s| {
+                if matches!(parse_reference(s), Reference::Conditional { .. }) && seen.insert(s.to_owned()) {
+                    wanted.push((s.to_owned(), e.location.clone()));
+                }
+            });
+        }
+    }
+    let conditional = resolve_conditionals(tx, &wanted, entries, targets).await?;
     let mut literals: Vec<((String, String), String)> = Vec::new();
     let in_request: HashSet<(String, String)> =
         targets.iter().map(|t| (entries[t.entry].resource_type.clone(), t.id.clone())).collect();
@@ -330,23 +356,6 @@ async fn resolve_references(
             continue;
         }
         let location = entries[t.entry].location.clone();
-        let mut queries = Vec::new();
-        if let Some(r) = &entries[t.entry].resource {
-            chartline_fhir::for_each_reference(r, &mut |_, s| {
-                if let Reference::Conditional { .. } = parse_reference(s) {
-                    if !conditional.contains_key(s) {
-                        queries.push(s.to_owned());
-                    }
-                }
-            });
-        }
-        for q in queries {
-            if conditional.contains_key(&q) {
-                continue;
-            }
-            let resolved = resolve_conditional(tx, &q, entries, targets, &location).await;
-            conditional.insert(q, resolved);
-        }
         let e = &mut entries[t.entry];
         let id = t.id.clone();
         let rtype = e.resource_type.clone();
@@ -355,7 +364,11 @@ async fn resolve_references(
             m.insert("id".into(), Value::String(id));
         }
         let prefix = format!("{location}.resource");
-        for_each_reference_mut(resource, &mut |path, s| -> Result<(), IngestError> {
+        for_each_link_mut(resource, &mut |link, path, s| -> Result<(), IngestError> {
+            if link == Link::Url {
+                rewrite_url(s, known);
+                return Ok(());
+            }
             let at = || format!("{prefix}{}", path.strip_prefix(rtype.as_str()).unwrap_or(path));
             match parse_reference(s) {
                 Reference::Urn(u) => match known.get(u) {
@@ -384,7 +397,6 @@ async fn resolve_references(
             }
             Ok(())
         })?;
-        rewrite_urls(resource, known);
     }
     if !literals.is_empty() {
         let keys: Vec<(String, String)> = literals.iter().map(|(k, _)| k.clone()).collect();
@@ -399,22 +411,9 @@ async fn resolve_references(
 /// FHIR's transaction rule for elements of type url: a `url` (an Attachment's above all)
 /// that spells the fullUrl of an entry of this request (`urn:uuid:…` or absolute) becomes
 /// that entry's `Type/id`, as references do. Other urls are left as sent.
-fn rewrite_urls(v: &mut Value, known: &HashMap<String, (String, String)>) {
-    match v {
-        Value::Object(map) => {
-            for (k, child) in map.iter_mut() {
-                match child {
-                    Value::String(s) if k == "url" => {
-                        if let Some((ty, id)) = known.get(s.as_str()) {
-                            *s = format!("{ty}/{id}");
-                        }
-                    }
-                    _ => rewrite_urls(child, known),
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(|c| rewrite_urls(c, known)),
-        _ => {}
+fn rewrite_url(s: &mut String, known: &HashMap<String, (String, String)>) {
+    if let Some((ty, id)) = known.get(s.as_str()) {
+        *s = format!("{ty}/{id}");
     }
 }
 
@@ -427,34 +426,48 @@ fn relocate(e: &IngestError, at: &str) -> IngestError {
     }
 }
 
-/// `Type?identifier=system|value`: one match in the store, else in this request's entries.
-async fn resolve_conditional(
+/// `Type?identifier=system|value` references (each with the location of the entry that
+/// first holds it): one match in the store, else in this request's entries. The store is
+/// searched once for all of them.
+async fn resolve_conditionals(
     tx: &mut StoreTx,
-    reference: &str,
+    references: &[(String, String)],
     entries: &[Entry],
     targets: &[Target],
-    location: &str,
-) -> Result<String, IngestError> {
-    let Reference::Conditional { resource_type, query } = parse_reference(reference) else {
-        return Err(IngestError::invalid(IssueCode::Invalid, "not a conditional reference"));
-    };
-    let mut found = search(tx, resource_type, query, location).await?;
-    if found.is_empty() {
-        let crit = parse_query(query, location)?;
-        for t in targets {
-            let e = &entries[t.entry];
-            if e.resource_type == resource_type && e.resource.as_ref().is_some_and(|r| matches(r, &t.id, &crit)) {
-                found.push(t.id.clone());
+) -> Result<HashMap<String, Result<String, IngestError>>, IngestError> {
+    let mut resolved = HashMap::with_capacity(references.len());
+    let mut searches = Vec::new();
+    for (reference, location) in references {
+        let Reference::Conditional { resource_type, query } = parse_reference(reference) else { continue };
+        match parse_query(query, location) {
+            Ok(c) => searches.push((reference, location, resource_type, c)),
+            Err(e) => {
+                resolved.insert(reference.clone(), Err(e));
             }
         }
     }
-    match found.as_slice() {
-        [one] => Ok(format!("{resource_type}/{one}")),
-        [] => Err(FhirError::at(IssueCode::NotFound, location, "conditional reference matches no resource").into()),
-        _ => Err(FhirError::at(IssueCode::MultipleMatches, location, "conditional reference matches more than one resource").into()),
+    let criteria: Vec<(&str, Criterion)> = searches.iter().map(|(_, _, ty, c)| (*ty, c.clone())).collect();
+    let found = search_all(tx, &criteria).await?;
+    for ((reference, location, resource_type, crit), mut found) in searches.into_iter().zip(found) {
+        if found.is_empty() {
+            for t in targets {
+                let e = &entries[t.entry];
+                if e.resource_type == resource_type && e.resource.as_ref().is_some_and(|r| matches(r, &t.id, &crit)) {
+                    found.push(t.id.clone());
+                }
+            }
+        }
+        let outcome = match found.as_slice() {
+            [one] => Ok(format!("{resource_type}/{one}")),
+            [] => Err(FhirError::at(IssueCode::NotFound, location.as_str(), "conditional reference matches no resource").into()),
+            _ => Err(FhirError::at(IssueCode::MultipleMatches, location.as_str(), "conditional reference matches more than one resource").into()),
+        };
+        resolved.insert(reference.clone(), outcome);
     }
+    Ok(resolved)
 }
 
+#[derive(Clone)]
 enum Criterion {
     Identifier { system: Option<String>, value: String },
     Id(String),
@@ -492,17 +505,38 @@ fn matches(resource: &Value, id: &str, c: &Criterion) -> bool {
     }
 }
 
-async fn search(tx: &mut StoreTx, resource_type: &str, query: &str, location: &str) -> Result<Vec<String>, IngestError> {
-    match parse_query(query, location)? {
-        Criterion::Identifier { system, value } => {
-            Ok(tx.find_by_identifier(resource_type, system.as_deref(), &value).await?)
-        }
-        Criterion::Id(id) => {
-            let key = (resource_type.to_owned(), id);
-            let found = tx.existing(std::slice::from_ref(&key)).await?;
-            Ok(found.into_iter().map(|(_, id)| id).collect())
+/// The ids of current resources matching each (type, criterion), in one statement per
+/// kind of criterion.
+async fn search_all(tx: &mut StoreTx, criteria: &[(&str, Criterion)]) -> Result<Vec<Vec<String>>, IngestError> {
+    let mut found = vec![Vec::new(); criteria.len()];
+    let (mut by_identifier, mut at_identifier) = (Vec::new(), Vec::new());
+    let (mut by_id, mut at_id) = (Vec::new(), Vec::new());
+    for (n, (ty, c)) in criteria.iter().enumerate() {
+        match c {
+            Criterion::Identifier { system, value } => {
+                by_identifier.push((*ty, system.as_deref(), value.as_str()));
+                at_identifier.push(n);
+            }
+            Criterion::Id(id) => {
+                by_id.push(((*ty).to_owned(), id.clone()));
+                at_id.push(n);
+            }
         }
     }
+    if !by_identifier.is_empty() {
+        for (n, ids) in at_identifier.into_iter().zip(tx.find_by_identifiers(&by_identifier).await?) {
+            found[n] = ids;
+        }
+    }
+    if !by_id.is_empty() {
+        let existing = tx.existing(&by_id).await?;
+        for (n, key) in at_id.into_iter().zip(by_id) {
+            if existing.contains(&key) {
+                found[n] = vec![key.1];
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn percent_decode(s: &str) -> String {
@@ -584,7 +618,13 @@ mod tests {
             ],
             "extension": [{"url": "http://example.org/ext", "valueString": "urn:uuid:0b5e4b2a-8a4c-4c7e-9d8e-1f2a3b4c5d6e"}]
         });
-        rewrite_urls(&mut v, &known);
+        for_each_link_mut::<()>(&mut v, &mut |link, _, s| {
+            if link == Link::Url {
+                rewrite_url(s, &known);
+            }
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(v["content"][0]["attachment"]["url"], "Binary/b1");
         assert_eq!(v["content"][1]["attachment"]["url"], "Binary/b2");
         assert_eq!(v["content"][2]["attachment"]["url"], "https://pacs.example/1.png");

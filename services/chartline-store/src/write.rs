@@ -129,6 +129,27 @@ impl StoreTx {
         Ok(())
     }
 
+    /// Serializes conditional creates and updates of the same keys across concurrent
+    /// transactions: one statement for all of them, taken in sorted order (two requests
+    /// that share keys then wait for each other instead of deadlocking).
+    pub async fn lock_keys(&mut self, keys: &[String]) -> Result<(), StoreError> {
+        let mut sorted: Vec<&str> = keys.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        match sorted.as_slice() {
+            [] => {}
+            [one] => self.lock_key(one).await?,
+            _ => {
+                // unnest yields the array in order: the locks are taken in that order.
+                sqlx::query("select pg_advisory_xact_lock(hashtextextended(k, 0)) from unnest($1::text[]) as k")
+                    .bind(&sorted)
+                    .execute(&mut *self.tx)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Ids of current, non-deleted resources of `resource_type` with the identifier
     /// (`system` None matches any system).
     pub async fn find_by_identifier(
@@ -137,17 +158,41 @@ impl StoreTx {
         system: Option<&str>,
         value: &str,
     ) -> Result<Vec<String>, StoreError> {
+        Ok(self.find_by_identifiers(&[(resource_type, system, value)]).await?.pop().unwrap_or_default())
+    }
+
+    /// [`StoreTx::find_by_identifier`] for many (type, system, value) searches in one
+    /// statement: the matching ids of each, sorted, in the order asked.
+    pub async fn find_by_identifiers(&mut self, searches: &[(&str, Option<&str>, &str)]) -> Result<Vec<Vec<String>>, StoreError> {
+        let mut found = vec![Vec::new(); searches.len()];
+        if searches.is_empty() {
+            return Ok(found);
+        }
+        let n: Vec<i32> = (0..searches.len()).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
+        let types: Vec<&str> = searches.iter().map(|s| s.0).collect();
+        let systems: Vec<Option<&str>> = searches.iter().map(|s| s.1).collect();
+        let values: Vec<&str> = searches.iter().map(|s| s.2).collect();
         let rows = sqlx::query(
-            "select distinct i.id from resource_identifier i join resource r using (resource_type, id)
-             where i.resource_type = $1 and i.value = $2 and ($3::text is null or i.system = $3) and not r.deleted
-             order by i.id limit 10",
+            "select distinct q.n, i.id
+             from unnest($1::int[], $2::text[], $3::text[], $4::text[]) as q(n, t, s, v)
+             join resource_identifier i on i.resource_type = q.t and i.value = q.v and (q.s is null or i.system = q.s)
+             join resource r on r.resource_type = i.resource_type and r.id = i.id
+             where not r.deleted
+             order by q.n, i.id",
         )
-        .bind(resource_type)
-        .bind(value)
-        .bind(system)
+        .bind(&n)
+        .bind(&types)
+        .bind(&systems)
+        .bind(&values)
         .fetch_all(&mut *self.tx)
         .await?;
-        rows.iter().map(|r| r.try_get("id").map_err(StoreError::from)).collect()
+        for r in &rows {
+            let n: i32 = r.try_get("n")?;
+            if let Some(ids) = usize::try_from(n).ok().and_then(|n| found.get_mut(n)) {
+                ids.push(r.try_get("id")?);
+            }
+        }
+        Ok(found)
     }
 
     /// Which of the given (type, id) pairs exist and are not deleted.
