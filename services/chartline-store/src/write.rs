@@ -257,27 +257,19 @@ impl StoreTx {
         }
         let types: Vec<&str> = writes.iter().map(|w| w.resource_type.as_str()).collect();
         let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
-        // Rows locked earlier in this transaction are known; the others are locked now.
+        // Rows locked earlier in this transaction are known.
         let mut current = HashMap::new();
-        let mut unknown = Vec::new();
-        for (i, w) in writes.iter().enumerate() {
+        for w in &writes {
             let key = (w.resource_type.clone(), w.id.clone());
-            match self.locked.remove(&key) {
-                Some(Some(c)) => {
-                    current.insert(key, c);
-                }
-                Some(None) => {}
-                None => unknown.push(i),
+            if let Some(Some(c)) = self.locked.remove(&key) {
+                current.insert(key, c);
             }
         }
-        if !unknown.is_empty() {
-            let ut: Vec<&str> = unknown.iter().map(|&i| types[i]).collect();
-            let ui: Vec<&str> = unknown.iter().map(|&i| ids[i]).collect();
-            current.extend(self.lock_current(&ut, &ui).await?);
-        }
 
-        // Create the rows that do not exist yet. A concurrent transaction may create the
-        // same key first: ON CONFLICT skips it, and the row is then locked and updated.
+        // Try to create every other row: most writes are creates, and one INSERT that skips
+        // existing keys is cheaper than looking them all up first. The keys that already
+        // existed (or that a concurrent transaction created first: ON CONFLICT waits for it
+        // and skips) are then locked and read, and become updates.
         let missing: Vec<usize> = (0..writes.len())
             .filter(|&i| !current.contains_key(&(writes[i].resource_type.clone(), writes[i].id.clone())))
             .collect();
@@ -304,14 +296,14 @@ impl StoreTx {
                 created.insert((r.try_get::<String, _>("resource_type")?, r.try_get::<String, _>("id")?));
             }
             if created.len() < missing.len() {
-                let lt: Vec<&str> = missing.iter().map(|&i| types[i]).collect();
-                let li: Vec<&str> = missing.iter().map(|&i| ids[i]).collect();
-                let raced = self.lock_current(&lt, &li).await?;
-                for (k, c) in raced {
-                    if !created.contains(&k) {
-                        current.insert(k, c);
-                    }
-                }
+                let existed: Vec<usize> = missing
+                    .iter()
+                    .copied()
+                    .filter(|&i| !created.contains(&(writes[i].resource_type.clone(), writes[i].id.clone())))
+                    .collect();
+                let lt: Vec<&str> = existed.iter().map(|&i| types[i]).collect();
+                let li: Vec<&str> = existed.iter().map(|&i| ids[i]).collect();
+                current.extend(self.lock_current(&lt, &li).await?);
             }
         }
 
