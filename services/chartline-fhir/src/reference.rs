@@ -66,38 +66,20 @@ pub fn parse_reference(s: &str) -> Reference<'_> {
     }
 }
 
-/// Calls `f(path, reference)` for every `reference` string in the tree.
-pub fn for_each_reference(v: &Value, f: &mut dyn FnMut(&str, &str)) {
-    fn walk(v: &Value, path: &mut String, f: &mut dyn FnMut(&str, &str)) {
-        match v {
-            Value::Object(map) => {
-                for (k, child) in map {
-                    let len = path.len();
-                    path.push('.');
-                    path.push_str(k);
-                    if k == "reference" {
-                        if let Value::String(s) = child {
-                            f(path, s);
-                        }
-                    } else {
-                        walk(child, path, f);
-                    }
-                    path.truncate(len);
+/// Calls `f(reference)` for every `reference` string in the tree.
+pub fn for_each_reference(v: &Value, f: &mut dyn FnMut(&str)) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                match child {
+                    Value::String(s) if k == "reference" => f(s),
+                    _ => for_each_reference(child, f),
                 }
             }
-            Value::Array(items) => {
-                for (i, child) in items.iter().enumerate() {
-                    let len = path.len();
-                    let _ = write!(path, "[{i}]");
-                    walk(child, path, f);
-                    path.truncate(len);
-                }
-            }
-            _ => {}
         }
+        Value::Array(items) => items.iter().for_each(|child| for_each_reference(child, f)),
+        _ => {}
     }
-    let mut path = v.get("resourceType").and_then(Value::as_str).unwrap_or("").to_owned();
-    walk(v, &mut path, f);
 }
 
 /// The kind of link element [`for_each_link_mut`] visits.
@@ -109,38 +91,75 @@ pub enum Link {
     Url,
 }
 
+/// Where [`for_each_link_mut`] is in the tree: a chain of segments up to the resource,
+/// kept on the walk's stack and spelled out only when asked (error messages).
+pub struct LinkPath<'a> {
+    parent: Option<&'a LinkPath<'a>>,
+    segment: PathSegment<'a>,
+}
+
+enum PathSegment<'a> {
+    Root(&'a str),
+    Key(&'a str),
+    Index(usize),
+}
+
+impl LinkPath<'_> {
+    /// The FHIRPath-like location, e.g. `Encounter.participant[0].individual.reference`.
+    pub fn render(&self) -> String {
+        let mut chain = Vec::new();
+        let mut at = Some(self);
+        while let Some(p) = at {
+            chain.push(&p.segment);
+            at = p.parent;
+        }
+        let mut out = String::new();
+        for segment in chain.into_iter().rev() {
+            match segment {
+                PathSegment::Root(ty) => out.push_str(ty),
+                PathSegment::Key(k) => {
+                    out.push('.');
+                    out.push_str(k);
+                }
+                PathSegment::Index(i) => {
+                    let _ = write!(out, "[{i}]");
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Calls `f(kind, path, value)` for every `reference` and every `url` string in the tree,
 /// allowing rewrites: one walk for the reference and url rules of a transaction.
-pub fn for_each_link_mut<E>(v: &mut Value, f: &mut dyn FnMut(Link, &str, &mut String) -> Result<(), E>) -> Result<(), E> {
-    fn walk<E>(v: &mut Value, path: &mut String, f: &mut dyn FnMut(Link, &str, &mut String) -> Result<(), E>) -> Result<(), E> {
+pub fn for_each_link_mut<E>(v: &mut Value, f: &mut dyn FnMut(Link, &LinkPath<'_>, &mut String) -> Result<(), E>) -> Result<(), E> {
+    fn walk<E>(
+        v: &mut Value,
+        path: &LinkPath<'_>,
+        f: &mut dyn FnMut(Link, &LinkPath<'_>, &mut String) -> Result<(), E>,
+    ) -> Result<(), E> {
         match v {
             Value::Object(map) => {
                 for (k, child) in map.iter_mut() {
-                    let len = path.len();
-                    path.push('.');
-                    path.push_str(k);
+                    let here = LinkPath { parent: Some(path), segment: PathSegment::Key(k) };
                     match child {
-                        Value::String(s) if k == "reference" => f(Link::Reference, path, s)?,
-                        Value::String(s) if k == "url" => f(Link::Url, path, s)?,
-                        _ => walk(child, path, f)?,
+                        Value::String(s) if k == "reference" => f(Link::Reference, &here, s)?,
+                        Value::String(s) if k == "url" => f(Link::Url, &here, s)?,
+                        _ => walk(child, &here, f)?,
                     }
-                    path.truncate(len);
                 }
             }
             Value::Array(items) => {
                 for (i, child) in items.iter_mut().enumerate() {
-                    let len = path.len();
-                    let _ = write!(path, "[{i}]");
-                    walk(child, path, f)?;
-                    path.truncate(len);
+                    walk(child, &LinkPath { parent: Some(path), segment: PathSegment::Index(i) }, f)?;
                 }
             }
             _ => {}
         }
         Ok(())
     }
-    let mut path = v.get("resourceType").and_then(Value::as_str).unwrap_or("").to_owned();
-    walk(v, &mut path, f)
+    let ty = v.get("resourceType").and_then(Value::as_str).unwrap_or("").to_owned();
+    walk(v, &LinkPath { parent: None, segment: PathSegment::Root(&ty) }, f)
 }
 
 #[cfg(test)]
@@ -182,7 +201,7 @@ mod tests {
         });
         let mut seen = vec![];
         for_each_link_mut::<()>(&mut v, &mut |kind, path, r| {
-            seen.push((kind, path.to_owned()));
+            seen.push((kind, path.render()));
             *r = r.replace("urn:uuid:", "Patient/");
             Ok(())
         })

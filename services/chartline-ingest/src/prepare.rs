@@ -340,7 +340,7 @@ async fn resolve_references(
         for t in targets.iter().filter(|t| matches!(t.action, Action::Write)) {
             let e = &entries[t.entry];
             let Some(r) = &e.resource else { continue };
-            chartline_fhir::for_each_reference(r, &mut |_, s| {
+            chartline_fhir::for_each_reference(r, &mut |s| {
                 if matches!(parse_reference(s), Reference::Conditional { .. }) && seen.insert(s.to_owned()) {
                     wanted.push((s.to_owned(), e.location.clone()));
                 }
@@ -369,7 +369,10 @@ async fn resolve_references(
                 rewrite_url(s, known);
                 return Ok(());
             }
-            let at = || format!("{prefix}{}", path.strip_prefix(rtype.as_str()).unwrap_or(path));
+            let at = || {
+                let path = path.render();
+                format!("{prefix}{}", path.strip_prefix(rtype.as_str()).unwrap_or(&path))
+            };
             match parse_reference(s) {
                 Reference::Urn(u) => match known.get(u) {
                     Some((ty, id)) => *s = format!("{ty}/{id}"),

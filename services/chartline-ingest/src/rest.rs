@@ -260,7 +260,7 @@ async fn everything(ing: &Ingestor, id: &str) -> Response {
     let mut wanted = BTreeSet::new();
     for s in &compartment {
         if let Some(c) = &s.content {
-            for_each_reference(c, &mut |_, r| {
+            for_each_reference(c, &mut |r| {
                 if let Reference::Literal { resource_type, id, absolute: false, .. } = parse_reference(r) {
                     let key = (resource_type.to_owned(), id.to_owned());
                     if !have.contains(&key) {
