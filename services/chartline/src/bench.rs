@@ -24,7 +24,8 @@ pub async fn run(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
         for e in v["entry"].as_array().into_iter().flatten() {
             docs.push(serde_json::to_string(&e["resource"])?);
         }
-        bodies.push(bytes);
+        // Cheap to clone for each send: the clients' copying is not what is measured.
+        bodies.push(bytes::Bytes::from(bytes));
     }
     let resources = docs.len();
     let mb: f64 = bodies.iter().map(|b| b.len()).sum::<usize>() as f64 / 1e6;
@@ -46,7 +47,7 @@ pub async fn run(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
     .await?;
     let url = format!("http://{}/fhir", running.http_addr);
     let client = reqwest::Client::new();
-    let post = |body: Vec<u8>| {
+    let post = |body: bytes::Bytes| {
         let (client, url) = (client.clone(), url.clone());
         async move {
             let r = client.post(url).header("content-type", "application/fhir+json").body(body).send().await?;
@@ -68,6 +69,7 @@ pub async fn run(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
         let copy_s = t.elapsed().as_secs_f64();
         anyhow::ensure!(copied as usize == resources, "COPY stored {copied} of {resources} documents");
 
+        let cpu_before = Cpu::now();
         let t = Instant::now();
         for b in first {
             post(b.clone()).await?;
@@ -80,9 +82,10 @@ pub async fn run(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
             r?;
         }
         let rest_s = t.elapsed().as_secs_f64();
+        let cpu = Cpu::now().since(&cpu_before);
         let stored = store.count_current_resources().await?;
         anyhow::ensure!(stored as usize == resources, "Chartline stored {stored} of {resources} resources");
-        runs.push(Run { copy_s, rest_s, batch_s });
+        runs.push(Run { copy_s, rest_s, batch_s, cpu });
     }
     running.stop().await?;
 
@@ -110,6 +113,13 @@ pub async fn run(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
         (resources - batch_resources) as f64 / (rest_s - batch_s)
     );
     println!("| (parse + validate alone, in process, one thread, no database) | {validate_s:.2} | {:.0} | {:.1} |", resources as f64 / validate_s, mb / validate_s);
+    if let (Some(own), Some(pg)) = (median_opt(&runs, |c| c.own_s), median_opt(&runs, |c| c.postgres_s)) {
+        println!(
+            "\nCPU during the Chartline part (median): this process {own:.2} s (server and the benchmark's HTTP clients), \
+             PostgreSQL {pg:.2} s (all its processes), for {rest_s:.2} s of wall time on {} cores",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+    }
     println!("\nratio Chartline / floor = {:.2}", rest / floor);
     Ok(ExitCode::SUCCESS)
 }
@@ -118,6 +128,60 @@ struct Run {
     copy_s: f64,
     rest_s: f64,
     batch_s: f64,
+    cpu: Option<CpuSpent>,
+}
+
+fn median_opt(runs: &[Run], f: fn(&CpuSpent) -> f64) -> Option<f64> {
+    let mut v: Vec<f64> = runs.iter().map(|r| r.cpu.as_ref().map(f)).collect::<Option<_>>()?;
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// CPU time used so far by this process and by PostgreSQL's processes on this machine
+/// (Linux `/proc`; None elsewhere, or when the server runs on another machine).
+struct Cpu(Option<(u64, u64)>);
+
+struct CpuSpent {
+    own_s: f64,
+    postgres_s: f64,
+}
+
+impl Cpu {
+    fn now() -> Self {
+        let own = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| cpu_ticks(&s).map(|(_, t)| t));
+        let mut postgres = 0;
+        let mut seen = false;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            if let Some(("postgres", t)) = cpu_ticks(&stat) {
+                postgres += t;
+                seen = true;
+            }
+        }
+        Cpu(own.zip(seen.then_some(postgres)))
+    }
+
+    fn since(&self, before: &Cpu) -> Option<CpuSpent> {
+        let ((own1, pg1), (own0, pg0)) = (self.0?, before.0?);
+        // Clock ticks; 100 per second on Linux unless the kernel was built otherwise.
+        let tick = 0.01;
+        // Processes that ended in between take their ticks with them: clamp at zero.
+        Some(CpuSpent { own_s: own1.saturating_sub(own0) as f64 * tick, postgres_s: pg1.saturating_sub(pg0) as f64 * tick })
+    }
+}
+
+/// (command name, user + system ticks) from a `/proc/<pid>/stat` line.
+fn cpu_ticks(stat: &str) -> Option<(&str, u64)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let comm = &stat[open + 1..close];
+    // After the name: state is field 3; utime and stime are fields 14 and 15.
+    let mut rest = stat[close + 1..].split_ascii_whitespace().skip(11);
+    let utime: u64 = rest.next()?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    Some((comm, utime + stime))
 }
 
 fn list(v: impl Iterator<Item = f64>) -> String {
