@@ -1,4 +1,6 @@
-//! Scratch: CPU time of each Rust-side ingest phase over the Synthea fixtures, one thread.
+//! CPU time of each Rust-side ingest phase over the Synthea fixtures, one thread, no
+//! database (BENCHMARKS.md, "Ingest": where the time goes). `cargo run --release --example
+//! ingest_phases -p chartline [FOLDER]`.
 use std::time::Instant;
 
 #[global_allocator]
