@@ -464,25 +464,12 @@ async fn stored_rows_read_back_exactly_as_derived_from_each_stored_version(pool:
     type Event = (i32, String, Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<String>, Option<String>, Option<String>, Option<String>);
     type Values = (Option<f64>, Option<String>, Option<String>, Option<f64>, Option<f64>, Option<String>, Option<String>, Option<String>);
     let mut events: HashMap<Key, Vec<(Event, Values)>> = HashMap::new();
-    let heads: Vec<(String, String, i64)> =
-        sqlx::query_as("select resource_type, resource_id, version_id from patient_event order by resource_type, resource_id, version_id, component")
-            .fetch_all(&pool)
-            .await
-            .expect("event keys");
-    let firsts: Vec<Event> = sqlx::query_as(
-        "select component, kind, event_time, end_time, category, code_system, code, display
-         from patient_event order by resource_type, resource_id, version_id, component",
-    )
-    .fetch_all(&pool)
-    .await
-    .expect("events");
-    let seconds: Vec<Values> = sqlx::query_as(
-        "select value_num, value_text, unit, ref_low, ref_high, interpretation, status, patient_id
-         from patient_event order by resource_type, resource_id, version_id, component",
-    )
-    .fetch_all(&pool)
-    .await
-    .expect("event values");
+    // (A row type holds at most 16 columns: three reads of the same ordered rows.)
+    let heads: Vec<(String, String, i64)> = event_columns(&pool, "resource_type, resource_id, version_id").await;
+    let firsts: Vec<Event> =
+        event_columns(&pool, "component, kind, event_time, end_time, category, code_system, code, display").await;
+    let seconds: Vec<Values> =
+        event_columns(&pool, "value_num, value_text, unit, ref_low, ref_high, interpretation, status, patient_id").await;
     for ((h, e), v) in heads.into_iter().zip(firsts).zip(seconds) {
         events.entry((h.0, h.1, h.2)).or_default().push((e, v));
     }
@@ -538,4 +525,13 @@ async fn stored_rows_read_back_exactly_as_derived_from_each_stored_version(pool:
     assert!(events.is_empty() && identifiers.is_empty(), "no rows index anything but a current version");
     assert!(events_checked > 1_000 && identifiers_checked > 100, "{events_checked} events, {identifiers_checked} identifiers");
     assert!(before_2000 > 0, "some events predate PostgreSQL's epoch (2000-01-01)");
+}
+
+/// `columns` of every patient_event row, in one fixed order.
+async fn event_columns<T>(pool: &PgPool, columns: &str) -> Vec<T>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let sql = format!("select {columns} from patient_event order by resource_type, resource_id, version_id, component");
+    sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await.expect("patient_event rows")
 }
