@@ -439,23 +439,25 @@ async fn resolve_conditionals(
     targets: &[Target],
 ) -> Result<HashMap<String, Result<String, IngestError>>, IngestError> {
     let mut resolved = HashMap::with_capacity(references.len());
-    let mut searches = Vec::new();
+    let (mut searched, mut criteria) = (Vec::new(), Vec::new());
     for (reference, location) in references {
         let Reference::Conditional { resource_type, query } = parse_reference(reference) else { continue };
         match parse_query(query, location) {
-            Ok(c) => searches.push((reference, location, resource_type, c)),
+            Ok(c) => {
+                searched.push((reference, location));
+                criteria.push((resource_type, c));
+            }
             Err(e) => {
                 resolved.insert(reference.clone(), Err(e));
             }
         }
     }
-    let criteria: Vec<(&str, Criterion)> = searches.iter().map(|(_, _, ty, c)| (*ty, c.clone())).collect();
     let found = search_all(tx, &criteria).await?;
-    for ((reference, location, resource_type, crit), mut found) in searches.into_iter().zip(found) {
+    for (((reference, location), &(resource_type, ref crit)), mut found) in searched.into_iter().zip(&criteria).zip(found) {
         if found.is_empty() {
             for t in targets {
                 let e = &entries[t.entry];
-                if e.resource_type == resource_type && e.resource.as_ref().is_some_and(|r| matches(r, &t.id, &crit)) {
+                if e.resource_type == resource_type && e.resource.as_ref().is_some_and(|r| matches(r, &t.id, crit)) {
                     found.push(t.id.clone());
                 }
             }
@@ -470,7 +472,6 @@ async fn resolve_conditionals(
     Ok(resolved)
 }
 
-#[derive(Clone)]
 enum Criterion {
     Identifier { system: Option<String>, value: String },
     Id(String),

@@ -86,9 +86,9 @@ pub struct IngestRecord {
 /// An open write transaction. Dropped without [`StoreTx::commit`], it rolls back.
 pub struct StoreTx {
     tx: Transaction<'static, Postgres>,
-    /// Rows this transaction has locked and read (None: no such row when looked up), so
-    /// that [`StoreTx::write`] does not look them up again. Cleared on rollback to a savepoint.
-    locked: HashMap<(String, String), Option<Current>>,
+    /// Rows this transaction has locked and read, so that [`StoreTx::write`] does not look
+    /// them up again. Cleared on rollback to a savepoint.
+    locked: HashMap<(String, String), Current>,
     now: DateTime<Utc>,
     debounce: chrono::Duration,
     enqueue_jobs: bool,
@@ -150,19 +150,9 @@ impl StoreTx {
         Ok(())
     }
 
-    /// Ids of current, non-deleted resources of `resource_type` with the identifier
-    /// (`system` None matches any system).
-    pub async fn find_by_identifier(
-        &mut self,
-        resource_type: &str,
-        system: Option<&str>,
-        value: &str,
-    ) -> Result<Vec<String>, StoreError> {
-        Ok(self.find_by_identifiers(&[(resource_type, system, value)]).await?.pop().unwrap_or_default())
-    }
-
-    /// [`StoreTx::find_by_identifier`] for many (type, system, value) searches in one
-    /// statement: the matching ids of each, sorted, in the order asked.
+    /// Ids of current, non-deleted resources with an identifier, for many (type, system,
+    /// value) searches in one statement (`system` None matches any system): the matching
+    /// ids of each, sorted, in the order asked.
     pub async fn find_by_identifiers(&mut self, searches: &[(&str, Option<&str>, &str)]) -> Result<Vec<Vec<String>>, StoreError> {
         let mut found = vec![Vec::new(); searches.len()];
         if searches.is_empty() {
@@ -216,12 +206,7 @@ impl StoreTx {
         let (types, ids): (Vec<&str>, Vec<&str>) = keys.iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip();
         let found = self.lock_current(&types, &ids).await?;
         let hashes = found.iter().filter(|(_, c)| !c.deleted).map(|(k, c)| (k.clone(), c.sha256.clone())).collect();
-        for k in keys {
-            self.locked.entry(k.clone()).or_insert(None);
-        }
-        for (k, c) in found {
-            self.locked.insert(k, Some(c));
-        }
+        self.locked.extend(found);
         Ok(hashes)
     }
 
@@ -257,11 +242,11 @@ impl StoreTx {
         }
         let types: Vec<&str> = writes.iter().map(|w| w.resource_type.as_str()).collect();
         let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
+        let keys: Vec<(String, String)> = writes.iter().map(|w| (w.resource_type.clone(), w.id.clone())).collect();
         // Rows locked earlier in this transaction are known.
-        let mut current = HashMap::new();
-        for w in &writes {
-            let key = (w.resource_type.clone(), w.id.clone());
-            if let Some(Some(c)) = self.locked.remove(&key) {
+        let mut current: HashMap<&(String, String), Current> = HashMap::new();
+        for key in &keys {
+            if let Some(c) = self.locked.remove(key) {
                 current.insert(key, c);
             }
         }
@@ -270,9 +255,7 @@ impl StoreTx {
         // existing keys is cheaper than looking them all up first. The keys that already
         // existed (or that a concurrent transaction created first: ON CONFLICT waits for it
         // and skips) are then locked and read, and become updates.
-        let missing: Vec<usize> = (0..writes.len())
-            .filter(|&i| !current.contains_key(&(writes[i].resource_type.clone(), writes[i].id.clone())))
-            .collect();
+        let missing: Vec<usize> = (0..writes.len()).filter(|&i| !current.contains_key(&keys[i])).collect();
         let mut created = HashSet::new();
         if !missing.is_empty() {
             let mt: Vec<&str> = missing.iter().map(|&i| types[i]).collect();
@@ -296,24 +279,24 @@ impl StoreTx {
                 created.insert((r.try_get::<String, _>("resource_type")?, r.try_get::<String, _>("id")?));
             }
             if created.len() < missing.len() {
-                let existed: Vec<usize> = missing
-                    .iter()
-                    .copied()
-                    .filter(|&i| !created.contains(&(writes[i].resource_type.clone(), writes[i].id.clone())))
-                    .collect();
+                let existed: Vec<usize> = missing.iter().copied().filter(|&i| !created.contains(&keys[i])).collect();
                 let lt: Vec<&str> = existed.iter().map(|&i| types[i]).collect();
                 let li: Vec<&str> = existed.iter().map(|&i| ids[i]).collect();
-                current.extend(self.lock_current(&lt, &li).await?);
+                let mut found = self.lock_current(&lt, &li).await?;
+                for &i in &existed {
+                    if let Some(c) = found.remove(&keys[i]) {
+                        current.insert(&keys[i], c);
+                    }
+                }
             }
         }
 
         let mut results = Vec::with_capacity(writes.len());
         let mut changed: Vec<(usize, i64)> = Vec::new();
-        for (i, w) in writes.iter().enumerate() {
-            let key = (w.resource_type.clone(), w.id.clone());
-            let (outcome, version_id, last_updated) = if created.contains(&key) {
+        for (i, (w, key)) in writes.iter().zip(&keys).enumerate() {
+            let (outcome, version_id, last_updated) = if created.contains(key) {
                 (WriteOutcome::Created, 1, self.now)
-            } else if let Some(c) = current.get(&key) {
+            } else if let Some(c) = current.get(key) {
                 if !c.deleted && c.sha256 == w.sha256 {
                     (WriteOutcome::Unchanged, c.version_id, c.last_updated)
                 } else {

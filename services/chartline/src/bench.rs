@@ -89,12 +89,8 @@ pub async fn run(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
     }
     running.stop().await?;
 
-    let median = |f: fn(&Run) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (copy_s, rest_s, batch_s) = (median(|r| r.copy_s), median(|r| r.rest_s), median(|r| r.batch_s));
+    let median_of = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect()).unwrap_or(f64::NAN);
+    let (copy_s, rest_s, batch_s) = (median_of(|r| r.copy_s), median_of(|r| r.rest_s), median_of(|r| r.batch_s));
     let floor = resources as f64 / copy_s;
     let rest = resources as f64 / rest_s;
     println!("{} runs; seconds per run: floor {}; Chartline {}\n", runs.len(), list(runs.iter().map(|r| r.copy_s)), list(runs.iter().map(|r| r.rest_s)));
@@ -113,7 +109,8 @@ pub async fn run(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
         (resources - batch_resources) as f64 / (rest_s - batch_s)
     );
     println!("| (parse + validate alone, in process, one thread, no database) | {validate_s:.2} | {:.0} | {:.1} |", resources as f64 / validate_s, mb / validate_s);
-    if let (Some(own), Some(pg)) = (median_opt(&runs, |c| c.own_s), median_opt(&runs, |c| c.postgres_s)) {
+    let cpu_median = |f: fn(&CpuSpent) -> f64| median(runs.iter().map(|r| r.cpu.as_ref().map(f)).collect::<Option<_>>()?);
+    if let (Some(own), Some(pg)) = (cpu_median(|c| c.own_s), cpu_median(|c| c.postgres_s)) {
         println!(
             "\nCPU during the Chartline part (median): this process {own:.2} s (server and the benchmark's HTTP clients), \
              PostgreSQL {pg:.2} s (all its processes), for {rest_s:.2} s of wall time on {} cores",
@@ -131,8 +128,8 @@ struct Run {
     cpu: Option<CpuSpent>,
 }
 
-fn median_opt(runs: &[Run], f: fn(&CpuSpent) -> f64) -> Option<f64> {
-    let mut v: Vec<f64> = runs.iter().map(|r| r.cpu.as_ref().map(f)).collect::<Option<_>>()?;
+/// The middle value (the upper one of an even count); None for no values.
+fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied()
 }
