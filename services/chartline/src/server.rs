@@ -223,8 +223,19 @@ pub async fn start(services: Services, grpc: TcpListener, http: TcpListener) -> 
     let mut tasks = vec![grpc_task, http_task];
     if let Some(cfg) = worker {
         let token = shutdown.clone();
+        let mut ready = model_ready.clone();
         tasks.push(tokio::spawn(async move {
-            chartline_cds::worker::run(summarizer, cfg, token).await;
+            // A worker that leased jobs while the model loads would only fail them (each
+            // failure counts as an attempt and backs the job off): it starts when the model
+            // is ready, and not at all when the model failed to load.
+            let loaded = tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                r = ready.wait_for(Option::is_some) => r.map(|r| matches!(*r, Some(Ok(())))),
+            };
+            match loaded {
+                Ok(true) => chartline_cds::worker::run(summarizer, cfg, token).await,
+                _ => tracing::error!(worker = %cfg.worker_id, "the model did not load; the summary worker is not started"),
+            }
             Ok(())
         }));
     }

@@ -67,8 +67,12 @@ async fn a_worker_killed_mid_job_leaves_it_to_be_retaken_and_one_output_is_store
     first.wait().expect("reaped");
     let outputs: i64 = sqlx::query_scalar("select count(*) from ai_output").fetch_one(&pool).await.expect("count");
     assert_eq!(outputs, 0, "killed before it could store anything");
-    let leased: Option<String> = sqlx::query_scalar("select leased_by from summary_job").fetch_one(&pool).await.expect("job");
+    let (leased, attempts, last_error): (Option<String>, i32, Option<String>) =
+        sqlx::query_as("select leased_by, attempts, last_error from summary_job").fetch_one(&pool).await.expect("job");
     assert!(leased.is_some(), "the dead worker's lease is still on the job");
+    // The worker starts leasing only once its model is loaded: no attempt was spent failing
+    // on a model that was still loading.
+    assert_eq!((attempts, last_error), (1, None), "one attempt, and it had not failed");
 
     let mut second = serve(&url);
     notified(&mut listener, "stored ", Duration::from_secs(240)).await;
