@@ -7,44 +7,173 @@ use sha2::{Digest, Sha256};
 /// leaving out `meta.versionId` and `meta.lastUpdated`, which the server sets: two
 /// submissions of the same content hash alike, so a re-send makes no new version.
 pub fn content_sha256(resource: &Value) -> [u8; 32] {
-    // serde_json's Map is a BTreeMap here (no `preserve_order`), so its compact
-    // serialization is already canonical: keys sorted, no whitespace. Only the top-level
-    // `meta` needs its server-managed elements left out.
-    let mut buf = Vec::with_capacity(1024);
-    match resource {
-        Value::Object(map) => {
-            buf.push(b'{');
-            let mut first = true;
-            for (k, val) in map {
-                let filtered;
-                let val = match val {
-                    Value::Object(meta) if k == "meta" => {
-                        let rest: serde_json::Map<String, Value> = meta
-                            .iter()
-                            .filter(|(k, _)| k.as_str() != "versionId" && k.as_str() != "lastUpdated")
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect();
-                        if rest.is_empty() {
-                            continue;
-                        }
-                        filtered = Value::Object(rest);
-                        &filtered
-                    }
-                    other => other,
-                };
-                if !first {
-                    buf.push(b',');
+    CanonicalJson::of(resource).sha256()
+}
+
+/// A resource's canonical JSON (what [`content_sha256`] hashes) and where the server-managed
+/// `meta.versionId` and `meta.lastUpdated` go back in. One serialization serves both the
+/// content hash and the stored text of a version ([`CanonicalJson::with_server_meta`]).
+#[derive(Debug, Clone)]
+pub struct CanonicalJson {
+    bytes: Vec<u8>,
+    /// Where the server elements are inserted, in order; None when `meta` is not an object
+    /// (invalid, and stored as it came).
+    slots: Option<Slots>,
+}
+
+#[derive(Debug, Clone)]
+enum Slots {
+    /// No client `meta` elements: a whole `"meta":{...}` member goes at this top-level slot.
+    Member(Slot),
+    /// Inside the client's `meta` object, in key order.
+    Inside { last_updated: Slot, version_id: Slot },
+}
+
+/// A position between members of an object in the canonical bytes.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    at: usize,
+    /// A member precedes the position (a comma goes before what is inserted)...
+    after_member: bool,
+    /// ...or follows it (a comma goes after).
+    before_member: bool,
+}
+
+impl CanonicalJson {
+    /// Serializes `resource` canonically. serde_json's Map is a BTreeMap here (no
+    /// `preserve_order`), so its compact serialization is already sorted; only the top-level
+    /// `meta` needs its server-managed elements left out.
+    pub fn of(resource: &Value) -> Self {
+        let mut buf = Vec::with_capacity(1024);
+        let Value::Object(map) = resource else {
+            write_json(&mut buf, resource);
+            return CanonicalJson { bytes: buf, slots: None };
+        };
+        let is_server = |k: &str| k == "versionId" || k == "lastUpdated";
+        let client_meta = match map.get("meta") {
+            None => Some(None),
+            Some(Value::Object(m)) => Some(m.keys().any(|k| !is_server(k)).then_some(m)),
+            Some(_) => None,
+        };
+        let mut slots = None;
+        buf.push(b'{');
+        let mut first = true;
+        for (k, val) in map {
+            if let Some(None) = client_meta {
+                // The whole meta member goes before the first key after "meta".
+                if slots.is_none() && k.as_str() >= "meta" {
+                    slots = Some(Slots::Member(Slot { at: buf.len(), after_member: !first, before_member: true }));
                 }
-                first = false;
-                write_json(&mut buf, k);
-                buf.push(b':');
-                write_json(&mut buf, val);
+                if k == "meta" {
+                    continue;
+                }
             }
-            buf.push(b'}');
+            if !first {
+                buf.push(b',');
+            }
+            first = false;
+            write_json(&mut buf, k);
+            buf.push(b':');
+            match (k.as_str(), val, client_meta) {
+                ("meta", Value::Object(meta), Some(Some(_))) => slots = Some(write_meta(&mut buf, meta)),
+                _ => write_json(&mut buf, val),
+            }
         }
-        other => write_json(&mut buf, other),
+        if let (None, Some(None)) = (&slots, client_meta) {
+            slots = Some(Slots::Member(Slot { at: buf.len(), after_member: !first, before_member: false }));
+        }
+        buf.push(b'}');
+        CanonicalJson { bytes: buf, slots }
     }
-    Sha256::digest(&buf).into()
+
+    /// The canonical bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// sha256 of the canonical bytes.
+    pub fn sha256(&self) -> [u8; 32] {
+        Sha256::digest(&self.bytes).into()
+    }
+
+    /// The JSON text of the version as stored: the canonical form with `meta.versionId` and
+    /// `meta.lastUpdated` set, byte for byte what serializing the resource with those two
+    /// set would give (keys sorted, compact).
+    pub fn with_server_meta(&self, version_id: &str, last_updated: &str) -> String {
+        let member = |key: &str, value: &str| {
+            let mut m = Vec::with_capacity(key.len() + value.len() + 8);
+            write_json(&mut m, key);
+            m.push(b':');
+            write_json(&mut m, value);
+            m
+        };
+        let lu = member("lastUpdated", last_updated);
+        let vi = member("versionId", version_id);
+        let mut out = Vec::with_capacity(self.bytes.len() + lu.len() + vi.len() + 16);
+        let mut from = 0;
+        let mut insert = |out: &mut Vec<u8>, slot: Slot, members: &[&[u8]]| {
+            out.extend_from_slice(&self.bytes[from..slot.at]);
+            from = slot.at;
+            if slot.after_member {
+                out.push(b',');
+            }
+            for (i, m) in members.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(m);
+            }
+            if !slot.after_member && slot.before_member {
+                out.push(b',');
+            }
+        };
+        match &self.slots {
+            None => {}
+            Some(Slots::Member(slot)) => {
+                let whole = [&b"\"meta\":{"[..], &lu, b",", &vi, b"}"].concat();
+                insert(&mut out, *slot, &[&whole]);
+            }
+            Some(Slots::Inside { last_updated, version_id }) if last_updated.at == version_id.at => {
+                let slot = Slot { before_member: version_id.before_member, ..*last_updated };
+                insert(&mut out, slot, &[&lu, &vi]);
+            }
+            Some(Slots::Inside { last_updated, version_id }) => {
+                insert(&mut out, *last_updated, &[&lu]);
+                insert(&mut out, *version_id, &[&vi]);
+            }
+        }
+        out.extend_from_slice(&self.bytes[from..]);
+        // Serialized JSON and JSON strings spliced at member boundaries: UTF-8 throughout.
+        String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+}
+
+/// Writes the client's `meta` elements (at least one) without the server's, noting where
+/// `lastUpdated` and `versionId` belong in key order.
+fn write_meta(buf: &mut Vec<u8>, meta: &serde_json::Map<String, Value>) -> Slots {
+    buf.push(b'{');
+    let mut first = true;
+    let (mut last_updated, mut version_id) = (None, None);
+    for (k, v) in meta {
+        if k == "versionId" || k == "lastUpdated" {
+            continue;
+        }
+        for (name, slot) in [("lastUpdated", &mut last_updated), ("versionId", &mut version_id)] {
+            if slot.is_none() && k.as_str() > name {
+                *slot = Some(Slot { at: buf.len(), after_member: !first, before_member: true });
+            }
+        }
+        if !first {
+            buf.push(b',');
+        }
+        first = false;
+        write_json(buf, k);
+        buf.push(b':');
+        write_json(buf, v);
+    }
+    let end = Slot { at: buf.len(), after_member: true, before_member: false };
+    buf.push(b'}');
+    Slots::Inside { last_updated: last_updated.unwrap_or(end), version_id: version_id.unwrap_or(end) }
 }
 
 fn write_json<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, v: &T) {
@@ -73,6 +202,65 @@ mod tests {
                        "name": [{"given": ["Zoë", "A\"B"]}], "b": 1.5, "a": null});
         let canonical = r#"{"a":null,"b":1.5,"id":"p","meta":{"profile":["x"]},"name":[{"given":["Zoë","A\"B"]}],"resourceType":"Patient"}"#;
         assert_eq!(content_sha256(&v), <[u8; 32]>::from(Sha256::digest(canonical.as_bytes())));
+    }
+
+    /// What the store wrote before: the resource with the server meta set, serialized.
+    fn stored_the_slow_way(v: &Value, version: &str, last_updated: &str) -> String {
+        let mut v = v.clone();
+        if let Value::Object(map) = &mut v {
+            if let Value::Object(m) = map.entry("meta").or_insert_with(|| json!({})) {
+                m.insert("versionId".into(), json!(version));
+                m.insert("lastUpdated".into(), json!(last_updated));
+            }
+        }
+        serde_json::to_string(&v).unwrap_or_default()
+    }
+
+    #[test]
+    fn stored_text_is_the_resource_serialized_with_server_meta() {
+        let cases = [
+            json!({"resourceType": "Patient", "id": "p"}),
+            json!({"resourceType": "Patient", "id": "p", "meta": {"versionId": "9", "lastUpdated": "2001-01-01T00:00:00Z"}}),
+            json!({"resourceType": "Patient", "id": "p", "meta": {"profile": ["x"]}}),
+            json!({"resourceType": "Patient", "id": "p", "meta": {"extension": [{"url": "u", "valueString": "v"}]}}),
+            json!({"resourceType": "Patient", "id": "p", "meta": {"tag": [{"code": "t"}], "id": "m", "versionId": "2"}}),
+            json!({"resourceType": "Patient", "id": "p", "meta": {"source": "s", "extension": [{"url": "u", "valueCode": "c"}], "zz": 1}}),
+            json!({"resourceType": "Patient", "id": "p", "meta": {"zz": 1}}),
+            json!({"resourceType": "Patient", "id": "p", "meta": {"aa": 1}}),
+            json!({"a": 1, "resourceType": "Patient", "zzz": {"meta": 1}}),
+            json!({"meta": {"profile": ["x"]}}),
+            json!({"z": 1}),
+            json!({"a": 1}),
+            json!({}),
+            json!({"resourceType": "Patient", "meta": "not an object"}),
+            json!({"resourceType": "Patient", "name": [{"text": "Zoë \"quoted\" \u{1}"}]}),
+        ];
+        for v in &cases {
+            let c = CanonicalJson::of(v);
+            assert_eq!(c.with_server_meta("12", "2026-11-30T12:00:00.123456Z"), stored_the_slow_way(v, "12", "2026-11-30T12:00:00.123456Z"), "{v}");
+            assert_eq!(c.sha256(), content_sha256(v));
+        }
+    }
+
+    #[test]
+    fn stored_text_matches_for_every_fixture_resource() {
+        let fixtures = std::env::var_os("CHARTLINE_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"));
+        let dir = fixtures.join("synthea/blaze-synthea-2.7.0");
+        let mut files: Vec<_> = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        files.sort();
+        assert!(files.len() >= 3, "fixtures at {}", dir.display());
+        let mut n = 0;
+        for f in files.iter().take(3) {
+            let bundle: Value = serde_json::from_slice(&std::fs::read(f).unwrap_or_default()).unwrap_or_default();
+            for e in bundle["entry"].as_array().into_iter().flatten() {
+                let r = &e["resource"];
+                assert_eq!(CanonicalJson::of(r).with_server_meta("1", "2026-11-30T00:00:00Z"), stored_the_slow_way(r, "1", "2026-11-30T00:00:00Z"));
+                n += 1;
+            }
+        }
+        assert!(n > 100, "{n} resources compared");
     }
 
     #[test]

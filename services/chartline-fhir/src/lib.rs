@@ -17,7 +17,7 @@ mod validate;
 
 pub use error::{FhirError, Issue, IssueCode, Severity};
 pub use events::{PatientEvent, extract_events, patient_of};
-pub use hash::content_sha256;
+pub use hash::{CanonicalJson, content_sha256};
 pub use json::{Limits, check_depth, parse_json};
 pub use reference::{Link, LinkPath, Reference, for_each_link_mut, for_each_reference, parse_reference};
 pub use resource_types::{R4_RESOURCE_TYPES, is_resource_type};

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chartline_fhir::{
-    FhirError, Issue, IssueCode, Reference, content_sha256, extract_events, for_each_link_mut, is_valid_id, Link,
+    CanonicalJson, FhirError, Issue, IssueCode, Reference, extract_events, for_each_link_mut, is_valid_id, Link,
     parse_reference, patient_of,
 };
 use chartline_store::{ResourceWrite, StoreTx, WriteOutcome};
@@ -170,7 +170,8 @@ pub(crate) async fn apply(
             }
             let e = &entries[t.entry];
             let Some(resource) = &e.resource else { continue };
-            let sha = content_sha256(resource);
+            let canonical = CanonicalJson::of(resource);
+            let sha = canonical.sha256();
             if t.provisional {
                 if let Some(existing) = taken.get(&(e.resource_type.clone(), t.id.clone())) {
                     if existing.as_slice() != sha.as_slice() {
@@ -180,7 +181,7 @@ pub(crate) async fn apply(
                     }
                 }
             }
-            writes.push((t.entry, sha));
+            writes.push((t.entry, canonical, sha));
         }
         if !reassigned {
             break;
@@ -225,17 +226,17 @@ pub(crate) async fn apply(
         }
     }
     let target_of: HashMap<usize, &Target> = targets.iter().map(|t| (t.entry, t)).collect();
-    let mut order: Vec<(usize, [u8; 32])> = writes;
+    let mut order: Vec<(usize, CanonicalJson, [u8; 32])> = writes;
     order.sort_by(|a, b| {
         let (ea, eb) = (&entries[a.0], &entries[b.0]);
         (ea.resource_type.as_str(), target_of[&a.0].id.as_str()).cmp(&(eb.resource_type.as_str(), target_of[&b.0].id.as_str()))
     });
     let mut batch = Vec::with_capacity(order.len());
     let mut batch_entries = Vec::with_capacity(order.len());
-    for (i, sha) in order {
+    for (i, canonical, sha) in order {
         let e = &mut entries[i];
         let Some(resource) = e.resource.take() else { continue };
-        batch.push(to_write(&e.resource_type, &target_of[&i].id, resource, sha));
+        batch.push(to_write(&e.resource_type, &target_of[&i].id, &resource, canonical, sha));
         batch_entries.push(i);
     }
     let written = tx.write(batch, ingest_id).await?;
@@ -577,15 +578,15 @@ pub(crate) fn identifiers(resource: &Value) -> Vec<(String, String)> {
 }
 
 /// The store's view of a resolved resource.
-pub(crate) fn to_write(resource_type: &str, id: &str, resource: Value, sha256: [u8; 32]) -> ResourceWrite {
+pub(crate) fn to_write(resource_type: &str, id: &str, resource: &Value, canonical: CanonicalJson, sha256: [u8; 32]) -> ResourceWrite {
     ResourceWrite {
         resource_type: resource_type.to_owned(),
         id: id.to_owned(),
-        patient_id: patient_of(&resource),
-        events: extract_events(&resource),
-        identifiers: identifiers(&resource),
+        patient_id: patient_of(resource),
+        events: extract_events(resource),
+        identifiers: identifiers(resource),
         sha256,
-        content: resource,
+        canonical,
     }
 }
 

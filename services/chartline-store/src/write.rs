@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chartline_fhir::PatientEvent;
+use chartline_fhir::{CanonicalJson, PatientEvent};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
 use sqlx::{Postgres, Row, Transaction};
@@ -17,9 +17,10 @@ pub struct ResourceWrite {
     pub resource_type: String,
     /// The logical id.
     pub id: String,
-    /// The content; `meta.versionId` and `meta.lastUpdated` are set by the store.
-    pub content: Value,
-    /// Canonical content hash (see `chartline_fhir::content_sha256`).
+    /// The content in canonical JSON; the store sets `meta.versionId` and
+    /// `meta.lastUpdated` in the text it stores.
+    pub canonical: CanonicalJson,
+    /// Canonical content hash (`canonical.sha256()`, see `chartline_fhir::content_sha256`).
     pub sha256: [u8; 32],
     /// Compartment owner.
     pub patient_id: Option<String>,
@@ -236,7 +237,7 @@ impl StoreTx {
     /// Stores the resources (each (type, id) at most once), creating, updating or leaving
     /// each unchanged, and keeps the identifier and timeline indexes in step. Results come
     /// back in input order.
-    pub async fn write(&mut self, mut writes: Vec<ResourceWrite>, ingest_id: Option<i64>) -> Result<Vec<WriteResult>, StoreError> {
+    pub async fn write(&mut self, writes: Vec<ResourceWrite>, ingest_id: Option<i64>) -> Result<Vec<WriteResult>, StoreError> {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
@@ -368,8 +369,7 @@ impl StoreTx {
         let mut hc = Vec::with_capacity(changed.len());
         let mut hp = Vec::with_capacity(changed.len());
         for &(i, v) in &changed {
-            set_meta(&mut writes[i].content, v, &last_updated);
-            hc.push(serde_json::to_string(&writes[i].content).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            hc.push(writes[i].canonical.with_server_meta(&v.to_string(), &last_updated));
         }
         let types: Vec<&str> = writes.iter().map(|w| w.resource_type.as_str()).collect();
         let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
@@ -597,16 +597,6 @@ impl StoreTx {
     pub async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
-    }
-}
-
-fn set_meta(content: &mut Value, version_id: i64, last_updated: &str) {
-    if let Value::Object(map) = content {
-        let meta = map.entry("meta").or_insert_with(|| Value::Object(Default::default()));
-        if let Value::Object(m) = meta {
-            m.insert("versionId".into(), Value::String(version_id.to_string()));
-            m.insert("lastUpdated".into(), Value::String(last_updated.to_owned()));
-        }
     }
 }
 
