@@ -10,6 +10,12 @@ use sqlx::{Postgres, Row, Transaction};
 
 use crate::StoreError;
 
+/// Largest content per history INSERT (bytes of JSON text), and rows per timeline INSERT:
+/// parameters stay in the allocators' reusable size classes instead of fresh multi-MB
+/// buffers (measured in BENCHMARKS.md).
+const STATEMENT_BYTES: usize = 256 * 1024;
+const EVENT_ROWS: usize = 1000;
+
 /// A resource ready to be stored: validated, id assigned, references resolved.
 #[derive(Debug, Clone)]
 pub struct ResourceWrite {
@@ -360,42 +366,43 @@ impl StoreTx {
             .await?;
         }
 
-        // History rows: the content with server-managed meta, as JSON text.
+        // History rows: the content with server-managed meta, as JSON text. Sent in
+        // statements of a bounded size: a 6 MB Bundle in one array parameter makes a buffer
+        // that grows by doubling into fresh memory on both sides of the connection.
         let last_updated = self.now.to_rfc3339_opts(SecondsFormat::Micros, true);
-        let mut ht = Vec::with_capacity(changed.len());
-        let mut hi = Vec::with_capacity(changed.len());
-        let mut hv = Vec::with_capacity(changed.len());
-        let mut hs: Vec<&[u8]> = Vec::with_capacity(changed.len());
-        let mut hc = Vec::with_capacity(changed.len());
-        let mut hp = Vec::with_capacity(changed.len());
-        for &(i, v) in &changed {
-            hc.push(writes[i].canonical.with_server_meta(&v.to_string(), &last_updated));
+        let texts: Vec<String> =
+            changed.iter().map(|&(i, v)| writes[i].canonical.with_server_meta(&v.to_string(), &last_updated)).collect();
+        let mut start = 0;
+        while start < changed.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < changed.len() && (end == start || bytes + texts[end].len() <= STATEMENT_BYTES) {
+                bytes += texts[end].len();
+                end += 1;
+            }
+            let part = &changed[start..end];
+            let ht: Vec<&str> = part.iter().map(|&(i, _)| writes[i].resource_type.as_str()).collect();
+            let hi: Vec<&str> = part.iter().map(|&(i, _)| writes[i].id.as_str()).collect();
+            let hv: Vec<i64> = part.iter().map(|&(_, v)| v).collect();
+            let hs: Vec<&[u8]> = part.iter().map(|&(i, _)| &writes[i].sha256[..]).collect();
+            let hp: Vec<Option<&str>> = part.iter().map(|&(i, _)| writes[i].patient_id.as_deref()).collect();
+            sqlx::query(
+                "insert into resource_history (resource_type, id, version_id, last_updated, sha256, content, patient_id, ingest_id)
+                 select t, i, v, $7, s, c, p, $8
+                 from unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::text[]) as x(t, i, v, s, c, p)",
+            )
+            .bind(&ht)
+            .bind(&hi)
+            .bind(&hv)
+            .bind(&hs)
+            .bind(&texts[start..end])
+            .bind(&hp)
+            .bind(self.now)
+            .bind(ingest_id)
+            .execute(&mut *self.tx)
+            .await?;
+            start = end;
         }
-        let types: Vec<&str> = writes.iter().map(|w| w.resource_type.as_str()).collect();
-        let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
-        for &(i, v) in &changed {
-            let w = &writes[i];
-            ht.push(types[i]);
-            hi.push(ids[i]);
-            hv.push(v);
-            hs.push(&w.sha256[..]);
-            hp.push(w.patient_id.as_deref());
-        }
-        sqlx::query(
-            "insert into resource_history (resource_type, id, version_id, last_updated, sha256, content, patient_id, ingest_id)
-             select t, i, v, $7, s, c, p, $8
-             from unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::text[]) as x(t, i, v, s, c, p)",
-        )
-        .bind(&ht)
-        .bind(&hi)
-        .bind(&hv)
-        .bind(&hs)
-        .bind(&hc)
-        .bind(&hp)
-        .bind(self.now)
-        .bind(ingest_id)
-        .execute(&mut *self.tx)
-        .await?;
 
         self.insert_identifiers(&writes, &changed).await?;
         self.insert_events(&writes, &changed).await?;
@@ -434,17 +441,23 @@ impl StoreTx {
     }
 
     async fn insert_events(&mut self, writes: &[ResourceWrite], changed: &[(usize, i64)]) -> Result<(), StoreError> {
-        let mut c = EventColumns::default();
+        let mut rows = Vec::new();
         for &(i, v) in changed {
             let w = &writes[i];
             let Some(patient) = w.patient_id.as_deref() else { continue };
-            for e in &w.events {
+            rows.extend(w.events.iter().map(|e| (patient, w, v, e)));
+        }
+        for part in rows.chunks(EVENT_ROWS) {
+            let mut c = EventColumns::default();
+            for &(patient, w, v, e) in part {
                 c.push(patient, &w.resource_type, &w.id, v, e);
             }
+            self.insert_event_rows(&c).await?;
         }
-        if c.patient.is_empty() {
-            return Ok(());
-        }
+        Ok(())
+    }
+
+    async fn insert_event_rows(&mut self, c: &EventColumns<'_>) -> Result<(), StoreError> {
         sqlx::query(
             "insert into patient_event (patient_id, resource_type, resource_id, version_id, component, kind,
                 event_time, end_time, category, code_system, code, display, value_num, value_text, unit,
