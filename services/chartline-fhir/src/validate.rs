@@ -207,7 +207,13 @@ fn walk<'a>(v: &'a Value, ty: &str, path: &mut Path<'a>, limits: &Limits, issues
 /// A string that is only whitespace, or holds a control character other than CR, LF and
 /// TAB (C0, DEL, C1). One pass over the bytes; this runs on every string of every resource.
 fn string_content_issue(s: &str) -> Option<&'static str> {
+    const BLANK: &str = "string values must have non-whitespace content";
     let b = s.as_bytes();
+    // Most strings are printable ASCII: checked without branches (the compiler vectorizes
+    // the fold), and then only a string of spaces is wrong.
+    if b.iter().fold(true, |ok, &c| ok & (c.wrapping_sub(0x20) < 0x5f)) {
+        return if b.iter().all(|&c| c == b' ') { Some(BLANK) } else { None };
+    }
     let mut blank = true;
     let mut ascii = true;
     for (i, &c) in b.iter().enumerate() {
@@ -221,7 +227,7 @@ fn string_content_issue(s: &str) -> Option<&'static str> {
         }
     }
     // Non-ASCII whitespace (no-break space and the like) only matters when nothing else is there.
-    if blank && (ascii || s.trim().is_empty()) { Some("string values must have non-whitespace content") } else { None }
+    if blank && (ascii || s.trim().is_empty()) { Some(BLANK) } else { None }
 }
 
 const CONTROL: &str = "strings must not contain control characters other than CR, LF and TAB";
@@ -549,7 +555,8 @@ mod tests {
             assert_eq!(string_content_issue(good), None, "{good:?}");
         }
         // Same answers as the char-level rules they replace.
-        for s in ["\u{9f}", "\u{a0}", "é\u{80}", "\u{2028}", " \u{1}"] {
+        let ascii: Vec<String> = (0u8..0x80).flat_map(|c| [format!("{}", c as char), format!("ab{}  ", c as char), format!("  {}", c as char)]).collect();
+        for s in ["\u{9f}", "\u{a0}", "é\u{80}", "\u{2028}", " \u{1}", "   ", "~}|{"].into_iter().chain(ascii.iter().map(String::as_str)) {
             let old = if s.trim().is_empty() {
                 Some("blank")
             } else if s.chars().any(|c| c.is_control() && !matches!(c, '\r' | '\n' | '\t')) {

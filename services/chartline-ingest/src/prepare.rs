@@ -334,21 +334,13 @@ async fn resolve_references(
     known: &HashMap<String, (String, String)>,
     policy: &Policy,
 ) -> Result<(), IngestError> {
-    // Conditional references: every distinct one in the request, resolved together.
+    // One walk per resource: urn:uuid and absolute references and url elements are
+    // rewritten, literal references noted for the existence check, and conditional
+    // references collected; those are resolved together afterwards (one query for the
+    // request) and written in a second walk over only the resources that hold any.
     let mut wanted: Vec<(String, String)> = Vec::new();
-    {
-        let mut seen = HashSet::new();
-        for t in targets.iter().filter(|t| matches!(t.action, Action::Write)) {
-            let e = &entries[t.entry];
-            let Some(r) = &e.resource else { continue };
-            chartline_fhir::for_each_reference(r, &mut |s| {
-                if matches!(parse_reference(s), Reference::Conditional { .. }) && seen.insert(s.to_owned()) {
-                    wanted.push((s.to_owned(), e.location.clone()));
-                }
-            });
-        }
-    }
-    let conditional = resolve_conditionals(tx, &wanted, entries, targets).await?;
+    let mut seen = HashSet::new();
+    let mut with_conditional = Vec::new();
     let mut literals: Vec<((String, String), String)> = Vec::new();
     let in_request: HashSet<(String, String)> =
         targets.iter().map(|t| (entries[t.entry].resource_type.clone(), t.id.clone())).collect();
@@ -365,6 +357,7 @@ async fn resolve_references(
             m.insert("id".into(), Value::String(id));
         }
         let prefix = format!("{location}.resource");
+        let mut conditional_here = false;
         for_each_link_mut(resource, &mut |link, path, s| -> Result<(), IngestError> {
             if link == Link::Url {
                 rewrite_url(s, known);
@@ -381,11 +374,12 @@ async fn resolve_references(
                         return Err(FhirError::at(IssueCode::NotFound, at(), "reference to a urn that no entry of this Bundle carries").into());
                     }
                 },
-                Reference::Conditional { .. } => match conditional.get(s.as_str()) {
-                    Some(Ok(r)) => *s = r.clone(),
-                    Some(Err(e)) => return Err(relocate(e, &at())),
-                    None => {}
-                },
+                Reference::Conditional { .. } => {
+                    conditional_here = true;
+                    if seen.insert(s.clone()) {
+                        wanted.push((s.clone(), location.clone()));
+                    }
+                }
                 Reference::Literal { absolute: true, .. } => {
                     if let Some((ty, id)) = known.get(s.as_str()) {
                         *s = format!("{ty}/{id}");
@@ -398,6 +392,30 @@ async fn resolve_references(
                     }
                 }
                 _ => {}
+            }
+            Ok(())
+        })?;
+        if conditional_here {
+            with_conditional.push(t.entry);
+        }
+    }
+    let conditional = resolve_conditionals(tx, &wanted, entries, targets).await?;
+    for i in with_conditional {
+        let prefix = format!("{}.resource", entries[i].location);
+        let e = &mut entries[i];
+        let rtype = e.resource_type.clone();
+        let Some(resource) = e.resource.as_mut() else { continue };
+        for_each_link_mut(resource, &mut |link, path, s| -> Result<(), IngestError> {
+            if link != Link::Reference || !matches!(parse_reference(s), Reference::Conditional { .. }) {
+                return Ok(());
+            }
+            match conditional.get(s.as_str()) {
+                Some(Ok(r)) => *s = r.clone(),
+                Some(Err(e)) => {
+                    let path = path.render();
+                    return Err(relocate(e, &format!("{prefix}{}", path.strip_prefix(rtype.as_str()).unwrap_or(&path))));
+                }
+                None => {}
             }
             Ok(())
         })?;
