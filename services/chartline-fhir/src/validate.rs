@@ -158,10 +158,13 @@ fn walk<'a>(v: &'a Value, ty: &str, path: &mut Path<'a>, limits: &Limits, issues
                 issues.push(Issue::error(IssueCode::Invariant, "ele-1: an element must have a value or children (empty object)").at(path.render()));
                 return;
             }
-            check_attachment(map, path, issues);
-            check_period(map, path, issues);
+            // Attachment and Period rules run after the children, only where their keys
+            // were seen: no lookups in every object of the tree.
+            let (mut data, mut start) = (false, false);
             for (k, child) in map {
                 path.segments.push(Segment::Key(k));
+                data |= k == "data";
+                start |= k == "start";
                 match (k.as_str(), child) {
                     // Bundle entries' resources are validated as resources of their own by check_bundle.
                     ("resource" | "outcome", Value::Object(o)) if o.contains_key("resourceType") && ty == "Bundle" => {}
@@ -171,6 +174,12 @@ fn walk<'a>(v: &'a Value, ty: &str, path: &mut Path<'a>, limits: &Limits, issues
                     _ => walk(child, ty, path, limits, issues),
                 }
                 path.segments.pop();
+            }
+            if data && issues.len() < 20 {
+                check_attachment(map, path, issues);
+            }
+            if start && issues.len() < 20 {
+                check_period(map, path, issues);
             }
         }
         Value::Array(items) => {
