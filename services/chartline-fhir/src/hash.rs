@@ -62,7 +62,7 @@ impl CanonicalJson {
             if let Some(None) = client_meta {
                 // The whole meta member goes before the first key after "meta".
                 if slots.is_none() && k.as_str() >= "meta" {
-                    slots = Some(Slots::Member(Slot { at: buf.len(), after_member: !first, before_member: true }));
+                    slots = Some(Slots::Member(Slot { at: buf.len(), after_member: !first, before_member: false }));
                 }
                 if k == "meta" {
                     continue;
@@ -79,8 +79,11 @@ impl CanonicalJson {
                 _ => write_json(&mut buf, val),
             }
         }
-        if let (None, Some(None)) = (&slots, client_meta) {
-            slots = Some(Slots::Member(Slot { at: buf.len(), after_member: !first, before_member: false }));
+        match (&mut slots, client_meta) {
+            (None, Some(None)) => slots = Some(Slots::Member(Slot { at: buf.len(), after_member: !first, before_member: false })),
+            // Recorded at the "meta" key: a member follows only if one was written after it.
+            (Some(Slots::Member(slot)), _) => slot.before_member = buf.len() > slot.at,
+            _ => {}
         }
         buf.push(b'}');
         CanonicalJson { bytes: buf, slots }
@@ -229,6 +232,10 @@ mod tests {
             json!({"resourceType": "Patient", "id": "p", "meta": {"aa": 1}}),
             json!({"a": 1, "resourceType": "Patient", "zzz": {"meta": 1}}),
             json!({"meta": {"profile": ["x"]}}),
+            json!({"meta": {}}),
+            json!({"meta": {"versionId": "1"}}),
+            json!({"a": 1, "meta": {"lastUpdated": "x"}}),
+            json!({"meta": {"versionId": "1"}, "z": 1}),
             json!({"z": 1}),
             json!({"a": 1}),
             json!({}),
