@@ -249,13 +249,10 @@ pub async fn generate(
 }
 
 fn to_write(resource: Value) -> ResourceWrite {
-    let canonical = chartline_fhir::CanonicalJson::of(&resource);
-    let sha256 = canonical.sha256();
     ResourceWrite {
         resource_type: resource["resourceType"].as_str().unwrap_or_default().to_owned(),
         id: resource["id"].as_str().unwrap_or_default().to_owned(),
-        canonical,
-        sha256,
+        canonical: chartline_fhir::CanonicalJson::of(&resource),
         patient_id: chartline_fhir::patient_of(&resource),
         events: chartline_fhir::extract_events(&resource),
         identifiers: Vec::new(),

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 /// leaving out `meta.versionId` and `meta.lastUpdated`, which the server sets: two
 /// submissions of the same content hash alike, so a re-send makes no new version.
 pub fn content_sha256(resource: &Value) -> [u8; 32] {
-    CanonicalJson::of(resource).sha256()
+    *CanonicalJson::of(resource).sha256()
 }
 
 /// A resource's canonical JSON (what [`content_sha256`] hashes) and where the server-managed
@@ -16,6 +16,8 @@ pub fn content_sha256(resource: &Value) -> [u8; 32] {
 #[derive(Debug, Clone)]
 pub struct CanonicalJson {
     bytes: Vec<u8>,
+    /// sha256 of `bytes`: the content hash.
+    sha256: [u8; 32],
     /// Where the server elements are inserted, in order; None when `meta` is not an object
     /// (invalid, and stored as it came).
     slots: Option<Slots>,
@@ -47,7 +49,7 @@ impl CanonicalJson {
         let mut buf = Vec::with_capacity(1024);
         let Value::Object(map) = resource else {
             write_json(&mut buf, resource);
-            return CanonicalJson { bytes: buf, slots: None };
+            return CanonicalJson { sha256: Sha256::digest(&buf).into(), bytes: buf, slots: None };
         };
         let is_server = |k: &str| k == "versionId" || k == "lastUpdated";
         let client_meta = match map.get("meta") {
@@ -86,7 +88,7 @@ impl CanonicalJson {
             _ => {}
         }
         buf.push(b'}');
-        CanonicalJson { bytes: buf, slots }
+        CanonicalJson { sha256: Sha256::digest(&buf).into(), bytes: buf, slots }
     }
 
     /// The canonical bytes.
@@ -94,9 +96,9 @@ impl CanonicalJson {
         &self.bytes
     }
 
-    /// sha256 of the canonical bytes.
-    pub fn sha256(&self) -> [u8; 32] {
-        Sha256::digest(&self.bytes).into()
+    /// sha256 of the canonical bytes (the content hash).
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.sha256
     }
 
     /// The JSON text of the version as stored: the canonical form with `meta.versionId` and
@@ -245,7 +247,8 @@ mod tests {
         for v in &cases {
             let c = CanonicalJson::of(v);
             assert_eq!(c.with_server_meta("12", "2026-11-30T12:00:00.123456Z"), stored_the_slow_way(v, "12", "2026-11-30T12:00:00.123456Z"), "{v}");
-            assert_eq!(c.sha256(), content_sha256(v));
+            assert_eq!(*c.sha256(), content_sha256(v));
+            assert_eq!(*c.sha256(), <[u8; 32]>::from(Sha256::digest(c.as_bytes())));
         }
     }
 

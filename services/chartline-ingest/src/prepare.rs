@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chartline_fhir::{
-    CanonicalJson, FhirError, Issue, IssueCode, Reference, extract_events, for_each_link_mut, is_valid_id, Link,
+    CanonicalJson, FhirError, Issue, IssueCode, Reference, extract_events, for_each_link_mut, is_valid_id, Link, LinkPath,
     parse_reference, patient_of,
 };
 use chartline_store::{ResourceWrite, StoreTx, WriteOutcome};
@@ -171,17 +171,16 @@ pub(crate) async fn apply(
             let e = &entries[t.entry];
             let Some(resource) = &e.resource else { continue };
             let canonical = CanonicalJson::of(resource);
-            let sha = canonical.sha256();
             if t.provisional {
                 if let Some(existing) = taken.get(&(e.resource_type.clone(), t.id.clone())) {
-                    if existing.as_slice() != sha.as_slice() {
+                    if existing.as_slice() != canonical.sha256().as_slice() {
                         t.id = uuid::Uuid::new_v4().to_string();
                         t.provisional = false;
                         reassigned = true;
                     }
                 }
             }
-            writes.push((t.entry, canonical, sha));
+            writes.push((t.entry, canonical));
         }
         if !reassigned {
             break;
@@ -226,17 +225,17 @@ pub(crate) async fn apply(
         }
     }
     let target_of: HashMap<usize, &Target> = targets.iter().map(|t| (t.entry, t)).collect();
-    let mut order: Vec<(usize, CanonicalJson, [u8; 32])> = writes;
+    let mut order: Vec<(usize, CanonicalJson)> = writes;
     order.sort_by(|a, b| {
         let (ea, eb) = (&entries[a.0], &entries[b.0]);
         (ea.resource_type.as_str(), target_of[&a.0].id.as_str()).cmp(&(eb.resource_type.as_str(), target_of[&b.0].id.as_str()))
     });
     let mut batch = Vec::with_capacity(order.len());
     let mut batch_entries = Vec::with_capacity(order.len());
-    for (i, canonical, sha) in order {
+    for (i, canonical) in order {
         let e = &mut entries[i];
         let Some(resource) = e.resource.take() else { continue };
-        batch.push(to_write(&e.resource_type, &target_of[&i].id, &resource, canonical, sha));
+        batch.push(to_write(&e.resource_type, &target_of[&i].id, &resource, canonical));
         batch_entries.push(i);
     }
     let written = tx.write(batch, ingest_id).await?;
@@ -363,10 +362,7 @@ async fn resolve_references(
                 rewrite_url(s, known);
                 return Ok(());
             }
-            let at = || {
-                let path = path.render();
-                format!("{prefix}{}", path.strip_prefix(rtype.as_str()).unwrap_or(&path))
-            };
+            let at = || located(&prefix, &rtype, path);
             match parse_reference(s) {
                 Reference::Urn(u) => match known.get(u) {
                     Some((ty, id)) => *s = format!("{ty}/{id}"),
@@ -411,10 +407,7 @@ async fn resolve_references(
             }
             match conditional.get(s.as_str()) {
                 Some(Ok(r)) => *s = r.clone(),
-                Some(Err(e)) => {
-                    let path = path.render();
-                    return Err(relocate(e, &format!("{prefix}{}", path.strip_prefix(rtype.as_str()).unwrap_or(&path))));
-                }
+                Some(Err(e)) => return Err(relocate(e, &located(&prefix, &rtype, path))),
                 None => {}
             }
             Ok(())
@@ -428,6 +421,13 @@ async fn resolve_references(
         }
     }
     Ok(())
+}
+
+/// Where an error points: the entry's `….resource` followed by the element's path in the
+/// resource (`Bundle.entry[3].resource.subject.reference`).
+fn located(prefix: &str, resource_type: &str, path: &LinkPath<'_>) -> String {
+    let path = path.render();
+    format!("{prefix}{}", path.strip_prefix(resource_type).unwrap_or(&path))
 }
 
 /// FHIR's transaction rule for elements of type url: a `url` (an Attachment's above all)
@@ -596,14 +596,13 @@ pub(crate) fn identifiers(resource: &Value) -> Vec<(String, String)> {
 }
 
 /// The store's view of a resolved resource.
-pub(crate) fn to_write(resource_type: &str, id: &str, resource: &Value, canonical: CanonicalJson, sha256: [u8; 32]) -> ResourceWrite {
+pub(crate) fn to_write(resource_type: &str, id: &str, resource: &Value, canonical: CanonicalJson) -> ResourceWrite {
     ResourceWrite {
         resource_type: resource_type.to_owned(),
         id: id.to_owned(),
         patient_id: patient_of(resource),
         events: extract_events(resource),
         identifiers: identifiers(resource),
-        sha256,
         canonical,
     }
 }

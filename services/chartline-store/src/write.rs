@@ -23,11 +23,9 @@ pub struct ResourceWrite {
     pub resource_type: String,
     /// The logical id.
     pub id: String,
-    /// The content in canonical JSON; the store sets `meta.versionId` and
-    /// `meta.lastUpdated` in the text it stores.
+    /// The content in canonical JSON, with its hash (`canonical.sha256()`); the store sets
+    /// `meta.versionId` and `meta.lastUpdated` in the text it stores.
     pub canonical: CanonicalJson,
-    /// Canonical content hash (`canonical.sha256()`, see `chartline_fhir::content_sha256`).
-    pub sha256: [u8; 32],
     /// Compartment owner.
     pub patient_id: Option<String>,
     /// Timeline rows (written only when `patient_id` is known).
@@ -267,7 +265,7 @@ impl StoreTx {
         if !missing.is_empty() {
             let mt: Vec<&str> = missing.iter().map(|&i| types[i]).collect();
             let mi: Vec<&str> = missing.iter().map(|&i| ids[i]).collect();
-            let ms: Vec<&[u8]> = missing.iter().map(|&i| &writes[i].sha256[..]).collect();
+            let ms: Vec<&[u8]> = missing.iter().map(|&i| &writes[i].canonical.sha256()[..]).collect();
             let mp: Vec<Option<&str>> = missing.iter().map(|&i| writes[i].patient_id.as_deref()).collect();
             let rows = sqlx::query(
                 "insert into resource (resource_type, id, version_id, last_updated, sha256, patient_id)
@@ -304,7 +302,7 @@ impl StoreTx {
             let (outcome, version_id, last_updated) = if created.contains(key) {
                 (WriteOutcome::Created, 1, self.now)
             } else if let Some(c) = current.get(key) {
-                if !c.deleted && c.sha256 == w.sha256 {
+                if !c.deleted && c.sha256 == w.canonical.sha256() {
                     (WriteOutcome::Unchanged, c.version_id, c.last_updated)
                 } else {
                     (WriteOutcome::Updated, c.version_id + 1, self.now)
@@ -333,7 +331,7 @@ impl StoreTx {
             let ut: Vec<&str> = updated.iter().map(|&i| types[i]).collect();
             let ui: Vec<&str> = updated.iter().map(|&i| ids[i]).collect();
             let uv: Vec<i64> = updated.iter().map(|&i| results[i].version_id).collect();
-            let us: Vec<&[u8]> = updated.iter().map(|&i| &writes[i].sha256[..]).collect();
+            let us: Vec<&[u8]> = updated.iter().map(|&i| &writes[i].canonical.sha256()[..]).collect();
             let up: Vec<Option<&str>> = updated.iter().map(|&i| writes[i].patient_id.as_deref()).collect();
             sqlx::query(
                 "update resource r set version_id = x.v, sha256 = x.s, patient_id = x.p, last_updated = $6, deleted = false
@@ -384,7 +382,7 @@ impl StoreTx {
             let ht: Vec<&str> = part.iter().map(|&(i, _)| writes[i].resource_type.as_str()).collect();
             let hi: Vec<&str> = part.iter().map(|&(i, _)| writes[i].id.as_str()).collect();
             let hv: Vec<i64> = part.iter().map(|&(_, v)| v).collect();
-            let hs: Vec<&[u8]> = part.iter().map(|&(i, _)| &writes[i].sha256[..]).collect();
+            let hs: Vec<&[u8]> = part.iter().map(|&(i, _)| &writes[i].canonical.sha256()[..]).collect();
             let hp: Vec<Option<&str>> = part.iter().map(|&(i, _)| writes[i].patient_id.as_deref()).collect();
             sqlx::query(
                 "insert into resource_history (resource_type, id, version_id, last_updated, sha256, content, patient_id, ingest_id)
