@@ -12,8 +12,9 @@ use crate::{Counts, IngestError, Ingestor, Source, payload_sha256};
 /// The response to a Bundle: a `transaction-response` or `batch-response` Bundle.
 #[derive(Debug, Clone)]
 pub struct BundleResponse {
-    /// The response Bundle.
-    pub bundle: Value,
+    /// The response Bundle as JSON text, written entry by entry (no tree is built for a
+    /// several-thousand-entry answer).
+    pub bundle: Vec<u8>,
     /// What was done.
     pub counts: Counts,
 }
@@ -103,12 +104,12 @@ impl Ingestor {
         tx.commit().await?;
         let mut sorted = results;
         sorted.sort_by_key(|r| r.index);
-        let entries: Vec<Value> = sorted.iter().map(response_entry).collect();
+        let mut bundle = ResponseBundle::new("transaction-response", sorted.len());
+        for r in &sorted {
+            bundle.push_result(r);
+        }
         tracing::info!(created = counts.created, updated = counts.updated, unchanged = counts.unchanged, "transaction stored");
-        Ok(BundleResponse {
-            bundle: json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries}),
-            counts,
-        })
+        Ok(BundleResponse { bundle: bundle.finish(), counts })
     }
 
     /// A batch: entries succeed or fail one by one. They share one database transaction with
@@ -129,7 +130,7 @@ impl Ingestor {
         let ingest_id = tx.log_ingest(record).await?;
         let mut known = HashMap::new();
         let mut counts = Counts::default();
-        let mut out = Vec::with_capacity(entries.len());
+        let mut out = ResponseBundle::new("batch-response", entries.len());
         let mut issues = Vec::new();
         let mut writes = Vec::new();
         let policy = Policy { literal_refs_must_exist: false };
@@ -184,14 +185,14 @@ impl Ingestor {
                             counts.record(o);
                             writes.push(write_result(r, o));
                         }
-                        out.push(response_entry(r));
+                        out.push_result(r);
                     }
                 }
                 Err(e) => {
                     counts.rejected += 1;
                     let oo = e.to_operation_outcome();
                     issues.extend(oo["issue"].as_array().cloned().unwrap_or_default());
-                    out.push(json!({"response": {"status": status_line(e.http_status()), "outcome": oo}}));
+                    out.push_failure(e.http_status(), &oo);
                 }
             }
         }
@@ -199,7 +200,7 @@ impl Ingestor {
         tx.finish_ingest(ingest_id, &writes, i32::try_from(counts.rejected).unwrap_or(i32::MAX), issues.as_ref()).await?;
         tx.commit().await?;
         tracing::info!(created = counts.created, updated = counts.updated, unchanged = counts.unchanged, rejected = counts.rejected, "batch processed");
-        Ok(BundleResponse { bundle: json!({"resourceType": "Bundle", "type": "batch-response", "entry": out}), counts })
+        Ok(BundleResponse { bundle: out.finish(), counts })
     }
 }
 
@@ -301,18 +302,71 @@ fn write_result(r: &EntryResult, outcome: chartline_store::WriteOutcome) -> char
     }
 }
 
-fn response_entry(r: &EntryResult) -> Value {
-    let mut resp = json!({"status": r.status});
-    if r.version_id > 0 {
-        resp["location"] = json!(format!("{}/{}/_history/{}", r.resource_type, r.id, r.version_id));
-        resp["etag"] = json!(format!("W/\"{}\"", r.version_id));
-    } else {
-        resp["location"] = json!(format!("{}/{}", r.resource_type, r.id));
+/// A `transaction-response` or `batch-response` Bundle, written as JSON text one entry at
+/// a time. Strings go through serde_json's escaping; ids and types are validated already.
+struct ResponseBundle {
+    out: Vec<u8>,
+    entries: usize,
+}
+
+impl ResponseBundle {
+    fn new(kind: &str, entries: usize) -> Self {
+        let mut out = Vec::with_capacity(64 + entries * 200);
+        out.extend_from_slice(b"{\"resourceType\":\"Bundle\",\"type\":");
+        push_str(&mut out, kind);
+        ResponseBundle { out, entries: 0 }
     }
-    if let Some(t) = r.last_updated {
-        resp["lastModified"] = json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+
+    /// FHIR JSON has no empty arrays: `entry` opens with the first entry.
+    fn next_entry(&mut self) {
+        self.out.extend_from_slice(if self.entries == 0 { &b",\"entry\":["[..] } else { b"," });
+        self.entries += 1;
     }
-    json!({"fullUrl": format!("{}/{}", r.resource_type, r.id), "response": resp})
+
+    /// `{"fullUrl": "Type/id", "response": {status, location, etag, lastModified}}`.
+    fn push_result(&mut self, r: &EntryResult) {
+        self.next_entry();
+        let o = &mut self.out;
+        o.extend_from_slice(b"{\"fullUrl\":");
+        push_str(o, &format!("{}/{}", r.resource_type, r.id));
+        o.extend_from_slice(b",\"response\":{\"status\":");
+        push_str(o, r.status);
+        o.extend_from_slice(b",\"location\":");
+        if r.version_id > 0 {
+            push_str(o, &format!("{}/{}/_history/{}", r.resource_type, r.id, r.version_id));
+            o.extend_from_slice(b",\"etag\":");
+            push_str(o, &format!("W/\"{}\"", r.version_id));
+        } else {
+            push_str(o, &format!("{}/{}", r.resource_type, r.id));
+        }
+        if let Some(t) = r.last_updated {
+            o.extend_from_slice(b",\"lastModified\":");
+            push_str(o, &t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+        }
+        o.extend_from_slice(b"}}");
+    }
+
+    /// `{"response": {"status": "...", "outcome": OperationOutcome}}` for a failed entry.
+    fn push_failure(&mut self, http_status: u16, outcome: &Value) {
+        self.next_entry();
+        let o = &mut self.out;
+        o.extend_from_slice(b"{\"response\":{\"status\":");
+        push_str(o, &status_line(http_status));
+        o.extend_from_slice(b",\"outcome\":");
+        // A Value always serializes (its map keys are strings).
+        let _ = serde_json::to_writer(&mut *o, outcome);
+        o.extend_from_slice(b"}}");
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.out.extend_from_slice(if self.entries == 0 { &b"}"[..] } else { b"]}" });
+        self.out
+    }
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 pub(crate) fn status_line(code: u16) -> String {
@@ -328,4 +382,42 @@ pub(crate) fn status_line(code: u16) -> String {
         _ => "Internal Server Error",
     };
     format!("{code} {reason}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(id: &str, version_id: i64, last_updated: bool, status: &'static str) -> EntryResult {
+        EntryResult {
+            index: 0,
+            resource_type: "Patient".into(),
+            id: id.into(),
+            version_id,
+            last_updated: last_updated.then(|| chrono::DateTime::from_timestamp(1_764_460_800, 123_456_000).unwrap_or_default()),
+            outcome: None,
+            status,
+        }
+    }
+
+    #[test]
+    fn the_response_bundle_text_is_the_json_of_its_entries() {
+        let outcome = FhirError::at(IssueCode::Invalid, "Patient.birthDate", "a \"quoted\" message\nover two lines").to_operation_outcome();
+        let mut b = ResponseBundle::new("batch-response", 3);
+        b.push_result(&result("p1", 2, true, "201 Created"));
+        b.push_failure(422, &outcome);
+        b.push_result(&result("p-2.x", 0, false, "200 OK"));
+        let parsed: Value = serde_json::from_slice(&b.finish()).expect("the response is JSON");
+        assert_eq!(
+            parsed,
+            json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+                {"fullUrl": "Patient/p1", "response": {"status": "201 Created", "location": "Patient/p1/_history/2",
+                    "etag": "W/\"2\"", "lastModified": "2025-11-30T00:00:00.123456Z"}},
+                {"response": {"status": "422 Unprocessable Entity", "outcome": outcome}},
+                {"fullUrl": "Patient/p-2.x", "response": {"status": "200 OK", "location": "Patient/p-2.x"}},
+            ]})
+        );
+        let empty: Value = serde_json::from_slice(&ResponseBundle::new("transaction-response", 0).finish()).expect("JSON");
+        assert_eq!(empty, json!({"resourceType": "Bundle", "type": "transaction-response"}));
+    }
 }

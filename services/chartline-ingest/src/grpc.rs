@@ -38,8 +38,7 @@ impl IngestService for IngestGrpc {
         let req = request.into_inner();
         let src = source(req.source.as_ref());
         let resp = self.ingestor.ingest_bundle(&req.bundle_json, &src).await?;
-        let json = serde_json::to_vec(&resp.bundle).map_err(|_| Status::internal("could not encode the response Bundle"))?;
-        Ok(Response::new(IngestBundleResponse { response_bundle_json: json.into(), counts: Some(counts(&resp.counts)) }))
+        Ok(Response::new(IngestBundleResponse { response_bundle_json: resp.bundle.into(), counts: Some(counts(&resp.counts)) }))
     }
 
     async fn ingest_resource(&self, request: Request<IngestResourceRequest>) -> Result<Response<IngestResourceResponse>, Status> {

@@ -36,7 +36,12 @@ pub fn router(ingestor: Ingestor) -> Router {
 }
 
 fn fhir(status: StatusCode, body: &Value) -> Response {
-    let mut r = (status, serde_json::to_vec(body).unwrap_or_default()).into_response();
+    fhir_bytes(status, serde_json::to_vec(body).unwrap_or_default())
+}
+
+/// A response whose body is JSON text already.
+fn fhir_bytes(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut r = (status, body).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     r
 }
@@ -92,7 +97,7 @@ async fn post_bundle(State(ing): State<Ingestor>, headers: HeaderMap, body: Body
         Err(r) => return r,
     };
     match ing.ingest_bundle(&bytes, &source(&headers)).await {
-        Ok(resp) => fhir(StatusCode::OK, &resp.bundle),
+        Ok(resp) => fhir_bytes(StatusCode::OK, resp.bundle),
         Err(e) => error(e),
     }
 }
