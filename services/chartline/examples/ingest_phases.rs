@@ -8,13 +8,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let dir = std::env::args().nth(1).unwrap_or("../shared/fixtures/synthea/blaze-synthea-2.7.0".into());
-    let mut bodies = Vec::new();
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "json") {
-            bodies.push(std::fs::read(p).unwrap());
-        }
-    }
+    let files = chartline::ingest_cli::collect_files(&[dir.into()]).unwrap();
+    let bodies: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
     let limits = chartline_fhir::Limits::default();
     for round in 0..3 {
         let mut t = [0f64; 9];
