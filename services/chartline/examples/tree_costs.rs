@@ -89,6 +89,21 @@ fn walk_value(v: &serde_json::Value) -> usize {
     }
 }
 
+/// Parses `body` into a `T`, walks it and drops it, adding the three times (seconds) to
+/// `spent`; returns what the walk counted.
+fn measure<T: serde::de::DeserializeOwned>(body: &[u8], walk: fn(&T) -> usize, spent: &mut [f64; 3]) -> usize {
+    let t = Instant::now();
+    let tree: T = serde_json::from_slice(body).unwrap();
+    spent[0] += t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let n = walk(&tree);
+    spent[1] += t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    drop(tree);
+    spent[2] += t.elapsed().as_secs_f64();
+    n
+}
+
 fn main() {
     let dir = std::env::args().nth(1).unwrap_or("../shared/fixtures/synthea/blaze-synthea-2.7.0".into());
     let files = chartline::ingest_cli::collect_files(&[dir.into()]).unwrap();
@@ -98,38 +113,14 @@ fn main() {
         let (mut value, mut lean) = ([0f64; 3], [0f64; 3]);
         let (mut n_value, mut n_lean) = (0, 0);
         for b in &bodies {
-            let t = Instant::now();
-            let v: serde_json::Value = serde_json::from_slice(b).unwrap();
-            value[0] += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            n_value += walk_value(&v);
-            value[1] += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            drop(v);
-            value[2] += t.elapsed().as_secs_f64();
-
-            let t = Instant::now();
-            let v: Lean = serde_json::from_slice(b).unwrap();
-            lean[0] += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            n_lean += walk_lean(&v);
-            lean[1] += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            drop(v);
-            lean[2] += t.elapsed().as_secs_f64();
+            n_value += measure::<serde_json::Value>(b, walk_value, &mut value);
+            n_lean += measure::<Lean>(b, walk_lean, &mut lean);
         }
         // Both walks must have seen the same tree.
         assert_eq!(n_value, n_lean);
         if round > 0 {
-            println!(
-                "serde_json::Value: parse {:5.1} walk {:5.1} drop {:5.1} ms | lean: parse {:5.1} walk {:5.1} drop {:5.1} ms",
-                value[0] * 1e3,
-                value[1] * 1e3,
-                value[2] * 1e3,
-                lean[0] * 1e3,
-                lean[1] * 1e3,
-                lean[2] * 1e3
-            );
+            let ms = |t: [f64; 3]| format!("parse {:5.1} walk {:5.1} drop {:5.1} ms", t[0] * 1e3, t[1] * 1e3, t[2] * 1e3);
+            println!("serde_json::Value: {} | lean: {}", ms(value), ms(lean));
         }
     }
 }
