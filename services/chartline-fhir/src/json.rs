@@ -1,5 +1,6 @@
 //! JSON parsing with the limits a public endpoint needs.
 
+use serde::de::DeserializeSeed as _;
 use serde_json::Value;
 
 use crate::error::{FhirError, IssueCode};
@@ -66,6 +67,11 @@ pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), FhirError> {
 }
 
 /// Parses one JSON document within `limits`. Errors say where (line, column), not what.
+///
+/// The nesting bound is enforced while the tree is built: the parser stops at the first
+/// object or array past `max_depth` levels, before recursing into it, so no separate scan
+/// of the bytes is needed ([`check_depth`] remains for callers that want one without a
+/// parse). The text is checked as UTF-8 once, up front, instead of string by string.
 pub fn parse_json(bytes: &[u8], limits: &Limits) -> Result<Value, FhirError> {
     if bytes.len() > limits.max_bytes {
         return Err(FhirError::new(
@@ -73,15 +79,128 @@ pub fn parse_json(bytes: &[u8], limits: &Limits) -> Result<Value, FhirError> {
             format!("payload of {} bytes is over the limit of {} bytes", bytes.len(), limits.max_bytes),
         ));
     }
-    check_depth(bytes, limits.max_depth)?;
-    serde_json::from_slice(bytes).map_err(|e| {
-        let mut err = FhirError::new(
-            IssueCode::Invalid,
-            format!("malformed JSON at line {} column {}: {}", e.line(), e.column(), json_error_kind(&e)),
-        );
-        err.issues[0].severity = crate::Severity::Fatal;
-        err
-    })
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let before = &bytes[..e.valid_up_to()];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = before.len() - before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+            return Err(malformed(format!("malformed JSON at line {line} column {column}: text is not UTF-8")));
+        }
+    };
+    let too_deep = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = DepthSeed { depth: 0, max_depth: limits.max_depth, too_deep: &too_deep }
+        .deserialize(&mut de)
+        .and_then(|v| de.end().map(|()| v));
+    match parsed {
+        Ok(v) => Ok(v),
+        Err(_) if too_deep.get() => Err(nested_too_deep(limits.max_depth)),
+        // serde_json's own recursion bound (128 levels) is a nesting error too.
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err(nested_too_deep(limits.max_depth)),
+        Err(e) => Err(malformed(format!("malformed JSON at line {} column {}: {}", e.line(), e.column(), json_error_kind(&e)))),
+    }
+}
+
+fn nested_too_deep(max_depth: usize) -> FhirError {
+    FhirError::new(IssueCode::TooCostly, format!("JSON is nested deeper than the configured limit of {max_depth} levels"))
+}
+
+fn malformed(message: String) -> FhirError {
+    let mut err = FhirError::new(IssueCode::Invalid, message);
+    err.issues[0].severity = crate::Severity::Fatal;
+    err
+}
+
+/// Builds a `serde_json::Value` as serde_json's own visitor does, counting the levels of
+/// objects and arrays on the way down and refusing the first one past `max_depth`.
+#[derive(Clone, Copy)]
+struct DepthSeed<'c> {
+    depth: usize,
+    max_depth: usize,
+    too_deep: &'c std::cell::Cell<bool>,
+}
+
+impl DepthSeed<'_> {
+    fn enter<E: serde::de::Error>(self) -> Result<Self, E> {
+        if self.depth >= self.max_depth {
+            self.too_deep.set(true);
+            return Err(E::custom("nested too deep"));
+        }
+        Ok(DepthSeed { depth: self.depth + 1, ..self })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for DepthSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for DepthSeed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // Non-finite numbers cannot come out of JSON text; serde_json maps them to null too.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        serde::de::DeserializeSeed::deserialize(self, d)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let inner = self.enter()?;
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(item) = seq.next_element_seed(inner)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let inner = self.enter()?;
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(inner)?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 fn json_error_kind(e: &serde_json::Error) -> &'static str {
@@ -121,6 +240,56 @@ mod tests {
         // A string cut off after a backslash is left to the parser.
         assert!(check_depth(b"[\"abc\\", 1).is_ok());
         assert!(check_depth(b"[[", 1).is_err());
+    }
+
+    #[test]
+    fn nesting_is_bounded_while_parsing_at_exactly_the_configured_depth() {
+        let limits = Limits { max_depth: 3, ..Limits::default() };
+        assert!(parse_json(b"[[[1]]]", &limits).is_ok());
+        assert!(parse_json(br#"{"a": {"b": [1, {}]}}"#, &Limits { max_depth: 4, ..limits }).is_ok());
+        for deep in [&b"[[[[1]]]]"[..], br#"{"a": {"b": [1, {}]}}"#, br#"[{"a": [{}]}]"#] {
+            let err = parse_json(deep, &limits).unwrap_err();
+            assert_eq!(err.code(), IssueCode::TooCostly, "{}", String::from_utf8_lossy(deep));
+        }
+        // The byte scan and the parser agree on where the limit lies.
+        assert!(check_depth(b"[[[1]]]", 3).is_ok() && check_depth(b"[[[[1]]]]", 3).is_err());
+    }
+
+    #[test]
+    fn a_bound_above_the_parsers_own_is_still_a_nesting_error() {
+        // serde_json stops at 128 levels whatever the configuration says.
+        let limits = Limits { max_depth: 10_000, ..Limits::default() };
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        assert_eq!(parse_json(deep.as_bytes(), &limits).unwrap_err().code(), IssueCode::TooCostly);
+        let shallow = "[".repeat(100) + &"]".repeat(100);
+        assert!(parse_json(shallow.as_bytes(), &limits).is_ok());
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_malformed_with_its_position() {
+        let err = parse_json(b"{\n  \"a\": \"caf\xe9\"\n}", &Limits::default()).unwrap_err();
+        assert_eq!(err.code(), IssueCode::Invalid);
+        assert!(err.issues[0].diagnostics.contains("line 2 column 12"), "{}", err.issues[0].diagnostics);
+    }
+
+    #[test]
+    fn the_tree_is_the_one_serde_json_builds() {
+        // Numbers of every kind, escapes, duplicate keys (the last wins in both), nulls.
+        let odd = br#"{"i": -12, "u": 18446744073709551615, "f": 1.5e-7, "z": -0.0, "s": "a\u00e9\n\"",
+            "d": 1, "d": 2, "n": null, "b": [true, false, [], {}], "big": 1e308}"#;
+        assert_eq!(parse_json(odd, &Limits::default()).unwrap(), serde_json::from_slice::<Value>(odd).unwrap());
+        let fixtures = std::env::var_os("CHARTLINE_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"));
+        let mut files: Vec<_> = std::fs::read_dir(fixtures.join("synthea/blaze-synthea-2.7.0")).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        files.sort();
+        let mut compared = 0;
+        for f in files.iter().take(3) {
+            let bytes = std::fs::read(f).unwrap();
+            assert_eq!(parse_json(&bytes, &Limits::default()).unwrap(), serde_json::from_slice::<Value>(&bytes).unwrap());
+            compared += 1;
+        }
+        assert_eq!(compared, 3);
     }
 
     #[test]
