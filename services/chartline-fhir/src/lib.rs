@@ -13,6 +13,7 @@ mod reference;
 mod resource_types;
 mod typed;
 mod typed_compare;
+mod typed_de;
 mod validate;
 
 pub use error::{FhirError, Issue, IssueCode, Severity};

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Issue, IssueCode};
+use crate::typed_de::{Failed, Quiet};
 
 /// The outcome of the typed check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,11 +35,12 @@ macro_rules! r4b_resource_types {
         /// straight into the resource's own type: going through the `resourceType`-tagged
         /// `Resource` enum makes serde copy the whole resource into a buffer first to find
         /// the tag, which we already know.
+        /// Through [`Quiet`]: errors carry no message (see `typed_de`).
         #[inline(never)]
-        fn parse_typed(ty: &str, v: &Value) -> Option<Result<Resource, serde_json::Error>> {
+        fn parse_typed(ty: &str, v: &Value) -> Option<Result<Resource, Failed>> {
             use fhir_sdk::r4b::resources as r;
             Some(match ty {
-                $(stringify!($name) => r::$name::deserialize(v).map(Resource::$name),)*
+                $(stringify!($name) => r::$name::deserialize(Quiet(v)).map(Resource::$name),)*
                 _ => return None,
             })
         }
@@ -85,8 +87,9 @@ pub fn typed_check(v: &Value) -> TypedCheck {
     let typed = match parse_typed(ty, v) {
         None => return TypedCheck::Skipped("resource type not in the R4B models"),
         Some(Ok(t)) => t,
-        Some(Err(e)) => {
-            let msg = e.to_string();
+        Some(Err(_)) => {
+            // Once more with serde's messages kept, for the outcome.
+            let msg = crate::typed_de::explain(|| parse_typed(ty, v).unwrap_or(Err(Failed(None)))).to_string();
             return TypedCheck::Failed(
                 Issue::error(IssueCode::Invalid, format!("does not match the FHIR structure or holds an invalid value: {}", redact(&msg))).at(ty),
             );
@@ -293,6 +296,59 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Values of the wrong JSON kind in the first few elements: a string where a number,
+    /// object or array goes and the other way round.
+    fn wrong_kinds(v: &Value) -> Vec<Value> {
+        let mut out = Vec::new();
+        let Some(obj) = v.as_object() else { return out };
+        for (k, child) in obj.iter().filter(|(k, _)| *k != "resourceType").take(4) {
+            let swapped = match child {
+                Value::String(_) => Value::from(7),
+                Value::Bool(_) | Value::Number(_) => Value::from("7"),
+                Value::Array(items) => items.first().cloned().unwrap_or(Value::Null),
+                Value::Object(_) => Value::Array(vec![child.clone()]),
+                Value::Null => Value::Bool(true),
+            };
+            let mut m = v.clone();
+            m[k.as_str()] = swapped;
+            out.push(m);
+        }
+        out
+    }
+
+    #[test]
+    fn the_quiet_parse_gives_what_serde_json_gives() {
+        use serde::Deserialize as _;
+        let (mut same, mut both_failed) = (0, 0);
+        for (i, r) in fixture_resources().iter().enumerate() {
+            let variants = if i % 5 == 0 { wrong_kinds(r) } else { Vec::new() };
+            for v in std::iter::once(r).chain(&variants) {
+                let ty = v.get("resourceType").and_then(Value::as_str).unwrap_or("Resource");
+                let Some(quiet) = parse_typed(ty, v) else { continue };
+                // The reference: serde_json's own `&Value` deserializer (through the tagged enum).
+                let reference = Resource::deserialize(v);
+                match (quiet, reference) {
+                    (Ok(a), Ok(b)) => {
+                        assert_eq!(a, b, "{ty} {:?}", v.get("id"));
+                        same += 1;
+                    }
+                    (Err(_), Err(_)) => both_failed += 1,
+                    (a, b) => panic!("{ty} {:?}: quiet {:?}, serde_json {:?}", v.get("id"), a.err(), b.err()),
+                }
+            }
+        }
+        assert!(same > 1000 && both_failed > 100, "{same} parsed, {both_failed} rejected by both");
+    }
+
+    #[test]
+    fn a_failed_parse_is_explained_with_serdes_message() {
+        let v = serde_json::json!({"resourceType": "Patient", "active": "yes"});
+        let TypedCheck::Failed(issue) = typed_check(&v) else { panic!("a string for a boolean passed") };
+        assert!(issue.diagnostics.contains("invalid type: string \"…\", expected a boolean"), "{}", issue.diagnostics);
+        // The message switch is off again: the next failure is quiet until explained.
+        assert!(matches!(parse_typed("Patient", &v), Some(Err(Failed(None)))));
     }
 
     #[test]

@@ -68,7 +68,7 @@ impl<'a, 'p> Cmp<'a, 'p> {
     }
 
     fn object(self) -> Result<Obj<'a, 'p>, Error> {
-        Ok(Obj { orig: self.orig.as_object(), path: self.path, seen: Seen::default(), first: None, key: None })
+        Ok(Obj { orig: self.orig.as_object(), path: self.path, seen: Seen::default(), first: None, key_at: None })
     }
 }
 
@@ -107,7 +107,7 @@ macro_rules! integers {
 /// `fn $name(self, _: $ty)` refusing a non-string map key.
 macro_rules! not_keys {
     ($($name:ident: $ty:ty),*) => {$(
-        fn $name(self, _: $ty) -> Result<String, Error> {
+        fn $name(self, _: $ty) -> Result<(), Error> {
             Err(non_string_key())
         }
     )*};
@@ -269,39 +269,49 @@ struct Obj<'a, 'p> {
     /// None when the original is not an object (a mismatch, reported at the end).
     orig: Option<&'a Map<String, Value>>,
     path: &'p mut String,
-    /// Keys of `orig` that came back (positions in key order).
+    /// Keys of `orig` that came back.
     seen: Seen,
     /// The earliest mismatch so far: (position of its key in `orig`, path).
     first: Option<(usize, String)>,
-    /// The key of a map entry whose value comes next.
-    key: Option<String>,
+    /// Where the path ended before the key of a map entry whose value comes next.
+    key_at: Option<usize>,
 }
 
 impl Obj<'_, '_> {
-    fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), Error> {
+    /// Compares one element; its key is on the path after `path[len]` (a '.'), and is
+    /// taken off again.
+    fn field<T: Serialize + ?Sized>(&mut self, len: usize, value: &T) -> Result<(), Error> {
+        let found = self.compare(len, value);
+        self.path.truncate(len);
+        found
+    }
+
+    fn compare<T: Serialize + ?Sized>(&mut self, len: usize, value: &T) -> Result<(), Error> {
         let Some(map) = self.orig else { return Ok(()) };
         // Elements the model adds (a default resourceType, say) are not compared.
-        let Some((pos, (_, orig))) = map.iter().enumerate().find(|(_, (k, _))| k.as_str() == key) else { return Ok(()) };
-        if !self.seen.insert(pos) {
+        let Some((key, orig)) = map.get_key_value(&self.path[len + 1..]) else { return Ok(()) };
+        if !self.seen.insert(key) {
             return Err(ser::Error::custom("the typed model wrote an element twice"));
         }
-        if self.first.as_ref().is_some_and(|(p, _)| *p < pos) {
-            return Ok(());
+        // Positions in key order matter only once something differs: the earliest wins.
+        let mut pos = None;
+        if let Some((first, _)) = &self.first {
+            let p = position(map, key);
+            if *first < p {
+                return Ok(());
+            }
+            pos = Some(p);
         }
-        let len = self.path.len();
-        self.path.push('.');
-        self.path.push_str(key);
         if let Some(p) = value.serialize(Cmp { orig, path: &mut *self.path })? {
-            self.first = Some((pos, p));
+            self.first = Some((pos.unwrap_or_else(|| position(map, key)), p));
         }
-        self.path.truncate(len);
         Ok(())
     }
 
     fn finish(self) -> Found {
         let Some(map) = self.orig else { return Ok(Some(self.path.clone())) };
         // A key of the original that never came back is dropped content.
-        let missing = (0..map.len()).find(|&p| !self.seen.contains(p));
+        let missing = if self.seen.len() == map.len() { None } else { map.keys().position(|k| !self.seen.contains(k)) };
         match (missing, self.first) {
             (Some(m), first) if first.as_ref().is_none_or(|(p, _)| m < *p) => {
                 let key = map.keys().nth(m).map_or("", String::as_str);
@@ -312,30 +322,42 @@ impl Obj<'_, '_> {
     }
 }
 
-/// A set of key positions: a bit mask for the first 64 (every FHIR element has fewer).
+/// Where `key` (one of `map`'s own key strings) is in key order.
+fn position(map: &Map<String, Value>, key: &String) -> usize {
+    map.keys().position(|k| std::ptr::eq(k, key)).unwrap_or(usize::MAX)
+}
+
+/// The keys of one object that came back, by address (each is the map's own string):
+/// inline for the first 16, which covers nearly every FHIR element.
 #[derive(Default)]
 struct Seen {
-    bits: u64,
+    inline: [usize; 16],
+    len: usize,
     more: Vec<usize>,
 }
 
 impl Seen {
-    /// False if `pos` was there already.
-    fn insert(&mut self, pos: usize) -> bool {
-        if pos < 64 {
-            let had = self.bits & (1 << pos) != 0;
-            self.bits |= 1 << pos;
-            !had
-        } else if self.more.contains(&pos) {
-            false
-        } else {
-            self.more.push(pos);
-            true
+    /// False if `key` was there already.
+    fn insert(&mut self, key: &String) -> bool {
+        let a = std::ptr::from_ref(key) as usize;
+        if self.contains(key) {
+            return false;
         }
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = a,
+            None => self.more.push(a),
+        }
+        self.len += 1;
+        true
     }
 
-    fn contains(&self, pos: usize) -> bool {
-        if pos < 64 { self.bits & (1 << pos) != 0 } else { self.more.contains(&pos) }
+    fn contains(&self, key: &String) -> bool {
+        let a = std::ptr::from_ref(key) as usize;
+        self.inline[..self.len.min(16)].contains(&a) || self.more.contains(&a)
+    }
+
+    fn len(&self) -> usize {
+        self.len
     }
 }
 
@@ -343,7 +365,10 @@ impl ser::SerializeStruct for Obj<'_, '_> {
     type Ok = Option<String>;
     type Error = Error;
     fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), Error> {
-        self.field(key, value)
+        let len = self.path.len();
+        self.path.push('.');
+        self.path.push_str(key);
+        self.field(len, value)
     }
     fn end(self) -> Found {
         self.finish()
@@ -354,59 +379,68 @@ impl ser::SerializeMap for Obj<'_, '_> {
     type Ok = Option<String>;
     type Error = Error;
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), Error> {
-        self.key = Some(key.serialize(KeyString)?);
+        let len = self.path.len();
+        self.path.push('.');
+        if let Err(e) = key.serialize(KeyInto(&mut *self.path)) {
+            self.path.truncate(len);
+            return Err(e);
+        }
+        self.key_at = Some(len);
         Ok(())
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
-        let key = self.key.take().ok_or_else(|| ser::Error::custom("a map value without a key"))?;
-        self.field(&key, value)
+        let len = self.key_at.take().ok_or_else(|| ser::Error::custom("a map value without a key"))?;
+        self.field(len, value)
     }
     fn end(self) -> Found {
         self.finish()
     }
 }
 
-/// Map keys: strings only, as in JSON.
-struct KeyString;
+/// Map keys: strings only, as in JSON; written onto the end of the path.
+struct KeyInto<'s>(&'s mut String);
 
-impl ser::Serializer for KeyString {
-    type Ok = String;
+impl ser::Serializer for KeyInto<'_> {
+    type Ok = ();
     type Error = Error;
-    type SerializeSeq = ser::Impossible<String, Error>;
-    type SerializeTuple = ser::Impossible<String, Error>;
-    type SerializeTupleStruct = ser::Impossible<String, Error>;
-    type SerializeTupleVariant = ser::Impossible<String, Error>;
-    type SerializeMap = ser::Impossible<String, Error>;
-    type SerializeStruct = ser::Impossible<String, Error>;
-    type SerializeStructVariant = ser::Impossible<String, Error>;
+    type SerializeSeq = ser::Impossible<(), Error>;
+    type SerializeTuple = ser::Impossible<(), Error>;
+    type SerializeTupleStruct = ser::Impossible<(), Error>;
+    type SerializeTupleVariant = ser::Impossible<(), Error>;
+    type SerializeMap = ser::Impossible<(), Error>;
+    type SerializeStruct = ser::Impossible<(), Error>;
+    type SerializeStructVariant = ser::Impossible<(), Error>;
 
-    fn serialize_str(self, v: &str) -> Result<String, Error> {
-        Ok(v.to_owned())
+    fn serialize_str(self, v: &str) -> Result<(), Error> {
+        self.0.push_str(v);
+        Ok(())
     }
-    fn serialize_unit_variant(self, _: &'static str, _: u32, variant: &'static str) -> Result<String, Error> {
-        Ok(variant.to_owned())
+    fn serialize_unit_variant(self, _: &'static str, _: u32, variant: &'static str) -> Result<(), Error> {
+        self.0.push_str(variant);
+        Ok(())
     }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _: &'static str, value: &T) -> Result<String, Error> {
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _: &'static str, value: &T) -> Result<(), Error> {
         value.serialize(self)
     }
     not_keys!(serialize_bool: bool, serialize_i8: i8, serialize_i16: i16, serialize_i32: i32, serialize_i64: i64, serialize_u8: u8,
         serialize_u16: u16, serialize_u32: u32, serialize_u64: u64, serialize_f32: f32, serialize_f64: f64, serialize_bytes: &[u8]);
-    fn serialize_char(self, v: char) -> Result<String, Error> {
-        Ok(v.to_string())
+    fn serialize_char(self, v: char) -> Result<(), Error> {
+        self.0.push(v);
+        Ok(())
     }
-    fn serialize_none(self) -> Result<String, Error> {
+    fn serialize_none(self) -> Result<(), Error> {
         Err(non_string_key())
     }
-    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<String, Error> {
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), Error> {
         value.serialize(self)
     }
-    fn serialize_unit(self) -> Result<String, Error> {
+    fn serialize_unit(self) -> Result<(), Error> {
         Err(non_string_key())
     }
-    fn serialize_unit_struct(self, _: &'static str) -> Result<String, Error> {
+    fn serialize_unit_struct(self, _: &'static str) -> Result<(), Error> {
         Err(non_string_key())
     }
-    fn serialize_newtype_variant<T: Serialize + ?Sized>(self, _: &'static str, _: u32, _: &'static str, _: &T) -> Result<String, Error> {
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(self, _: &'static str, _: u32, _: &'static str, _: &T) -> Result<(), Error> {
         Err(non_string_key())
     }
     fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, Error> {
