@@ -35,6 +35,7 @@ macro_rules! r4b_resource_types {
         /// straight into the resource's own type: going through the `resourceType`-tagged
         /// `Resource` enum makes serde copy the whole resource into a buffer first to find
         /// the tag, which we already know.
+        ///
         /// Through [`Quiet`]: errors carry no message (see `typed_de`).
         #[inline(never)]
         fn parse_typed(ty: &str, v: &Value) -> Option<Result<Resource, Failed>> {
@@ -327,7 +328,8 @@ mod tests {
             for v in std::iter::once(r).chain(&variants) {
                 let ty = v.get("resourceType").and_then(Value::as_str).unwrap_or("Resource");
                 let Some(quiet) = parse_typed(ty, v) else { continue };
-                // The reference: serde_json's own `&Value` deserializer (through the tagged enum).
+                // The reference: serde's standard path from the same tree (serde_json's `&Value`
+                // deserializer, through the `resourceType`-tagged enum).
                 let reference = Resource::deserialize(v);
                 match (quiet, reference) {
                     (Ok(a), Ok(b)) => {
