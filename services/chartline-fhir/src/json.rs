@@ -10,7 +10,8 @@ use crate::error::{FhirError, IssueCode};
 pub struct Limits {
     /// Largest accepted payload in bytes (HTTP answers 413 past it).
     pub max_bytes: usize,
-    /// Deepest accepted nesting of objects and arrays.
+    /// Deepest accepted nesting of objects and arrays (above 127, the parser's own bound
+    /// of 127 levels applies).
     pub max_depth: usize,
     /// Longest accepted string value in bytes (FHIR: 1 MB for most strings; attachments excepted).
     pub max_string_bytes: usize,
@@ -90,20 +91,27 @@ pub fn parse_json(bytes: &[u8], limits: &Limits) -> Result<Value, FhirError> {
     };
     let too_deep = std::cell::Cell::new(false);
     let mut de = serde_json::Deserializer::from_str(text);
-    let parsed = DepthSeed { depth: 0, max_depth: limits.max_depth, too_deep: &too_deep }
-        .deserialize(&mut de)
-        .and_then(|v| de.end().map(|()| v));
+    let max_depth = limits.max_depth.min(PARSER_MAX_DEPTH);
+    let parsed = DepthSeed { depth: 0, max_depth, too_deep: &too_deep }.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
     match parsed {
         Ok(v) => Ok(v),
         Err(_) if too_deep.get() => Err(nested_too_deep(limits.max_depth)),
-        // serde_json's own recursion bound (128 levels) is a nesting error too.
+        // serde_json's own bound; not reached while ours is below it, kept as a backstop.
         Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err(nested_too_deep(limits.max_depth)),
         Err(e) => Err(malformed(format!("malformed JSON at line {} column {}: {}", e.line(), e.column(), json_error_kind(&e)))),
     }
 }
 
-fn nested_too_deep(max_depth: usize) -> FhirError {
-    FhirError::new(IssueCode::TooCostly, format!("JSON is nested deeper than the configured limit of {max_depth} levels"))
+/// serde_json refuses the 128th level of nesting whatever we configure.
+const PARSER_MAX_DEPTH: usize = 127;
+
+fn nested_too_deep(configured: usize) -> FhirError {
+    let message = if configured > PARSER_MAX_DEPTH {
+        format!("JSON is nested deeper than {PARSER_MAX_DEPTH} levels, the most the parser accepts (the configured limit is {configured})")
+    } else {
+        format!("JSON is nested deeper than the configured limit of {configured} levels")
+    };
+    FhirError::new(IssueCode::TooCostly, message)
 }
 
 fn malformed(message: String) -> FhirError {
@@ -113,7 +121,11 @@ fn malformed(message: String) -> FhirError {
 }
 
 /// Builds a `serde_json::Value` as serde_json's own visitor does, counting the levels of
-/// objects and arrays on the way down and refusing the first one past `max_depth`.
+/// objects and arrays on the way down and refusing the first one past `max_depth`. One
+/// difference: with serde_json's `raw_value` feature (on in this workspace), its visitor
+/// reads an object whose key is `$serde_json::private::RawValue` as JSON text embedded in
+/// that key's string and parses it, unbounded by our limit; this one keeps the object as
+/// sent.
 #[derive(Clone, Copy)]
 struct DepthSeed<'c> {
     depth: usize,
@@ -257,12 +269,21 @@ mod tests {
 
     #[test]
     fn a_bound_above_the_parsers_own_is_still_a_nesting_error() {
-        // serde_json stops at 128 levels whatever the configuration says.
+        // serde_json refuses the 128th level whatever the configuration says; the outcome says so.
         let limits = Limits { max_depth: 10_000, ..Limits::default() };
-        let deep = "[".repeat(200) + &"]".repeat(200);
-        assert_eq!(parse_json(deep.as_bytes(), &limits).unwrap_err().code(), IssueCode::TooCostly);
-        let shallow = "[".repeat(100) + &"]".repeat(100);
-        assert!(parse_json(shallow.as_bytes(), &limits).is_ok());
+        let nested = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        let err = parse_json(nested(128).as_bytes(), &limits).unwrap_err();
+        assert_eq!(err.code(), IssueCode::TooCostly);
+        assert!(err.issues[0].diagnostics.contains("127 levels, the most the parser accepts"), "{}", err.issues[0].diagnostics);
+        assert!(parse_json(nested(127).as_bytes(), &limits).is_ok());
+    }
+
+    #[test]
+    fn serde_jsons_raw_value_key_is_an_ordinary_key() {
+        // serde_json's own visitor would parse the string as embedded JSON (unbounded).
+        let sneaky = br#"{"$serde_json::private::RawValue": "[[[[1]]]]"}"#;
+        let v = parse_json(sneaky, &Limits { max_depth: 2, ..Limits::default() }).unwrap();
+        assert_eq!(v["$serde_json::private::RawValue"], "[[[[1]]]]");
     }
 
     #[test]

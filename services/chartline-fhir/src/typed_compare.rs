@@ -379,6 +379,10 @@ impl ser::SerializeMap for Obj<'_, '_> {
     type Ok = Option<String>;
     type Error = Error;
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), Error> {
+        // A key without its value before it (serde's rules broken) is dropped from the path.
+        if let Some(len) = self.key_at.take() {
+            self.path.truncate(len);
+        }
         let len = self.path.len();
         self.path.push('.');
         if let Err(e) = key.serialize(KeyInto(&mut *self.path)) {

@@ -271,8 +271,11 @@ impl<'de> de::MapAccess<'de> for Entries<'de> {
     }
 }
 
-/// An object key: a borrowed string, whatever type is asked for (serde_json also turns
-/// keys into numbers on request; FHIR's models have string keys only).
+/// An object key: a borrowed string, whatever type is asked for. serde_json also turns
+/// keys into numbers or booleans on request and hands enum variant names over as
+/// transient strings; FHIR's models have string keys and identifier visitors only, for
+/// which the outcome is the same. Nor is serde_json's `RawValue` supported (the models
+/// have none); the numbers are those of serde_json without `arbitrary_precision`.
 struct Key<'de>(&'de str);
 
 impl<'de> de::Deserializer<'de> for Key<'de> {
@@ -336,6 +339,8 @@ impl<'de> de::VariantAccess<'de> for VariantValue<'de> {
 
     fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, Failed> {
         match self.0 {
+            // As serde_json: an empty array is a unit.
+            Some(Value::Array(items)) if items.is_empty() => visitor.visit_unit(),
             Some(Value::Array(items)) => visit_array(items, visitor),
             _ => Err(Failed(None)),
         }

@@ -85,7 +85,7 @@ pub struct LimitArgs {
     /// Largest accepted request body in bytes (HTTP 413 past it).
     #[arg(long, env = "CHARTLINE_MAX_PAYLOAD_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_payload_bytes: usize,
-    /// Deepest accepted JSON nesting.
+    /// Deepest accepted JSON nesting (values above 127 act as 127, the parser's own bound).
     #[arg(long, env = "CHARTLINE_MAX_JSON_DEPTH", default_value_t = 64)]
     pub max_json_depth: usize,
     /// Reject strings holding HTML tags (the reference validator's security checks).
