@@ -319,6 +319,17 @@ mod tests {
         out
     }
 
+    /// Every fixture resource, and the `mutate`d variants of every `every`-th one, with its
+    /// resource type.
+    fn each_case(every: usize, mutate: fn(&Value) -> Vec<Value>, mut f: impl FnMut(&str, &Value)) {
+        for (i, r) in fixture_resources().iter().enumerate() {
+            let variants = if i % every == 0 { mutate(r) } else { Vec::new() };
+            for v in std::iter::once(r).chain(&variants) {
+                f(v.get("resourceType").and_then(Value::as_str).unwrap_or("Resource"), v);
+            }
+        }
+    }
+
     /// Values of the wrong JSON kind in the first few elements: a string where a number,
     /// object or array goes and the other way round.
     fn wrong_kinds(v: &Value) -> Vec<Value> {
@@ -342,22 +353,18 @@ mod tests {
     #[test]
     fn the_quiet_parse_gives_what_serde_json_gives() {
         let (mut same, mut both_failed) = (0, 0);
-        for (i, r) in fixture_resources().iter().enumerate() {
-            let variants = if i % 5 == 0 { wrong_kinds(r) } else { Vec::new() };
-            for v in std::iter::once(r).chain(&variants) {
-                let ty = v.get("resourceType").and_then(Value::as_str).unwrap_or("Resource");
-                let Some(quiet) = parse_typed(ty, v) else { continue };
-                let reference = parse_typed_reference(ty, v).expect("the same types");
-                match (quiet, reference) {
-                    (Ok(a), Ok(b)) => {
-                        assert_eq!(a, b, "{ty} {:?}", v.get("id"));
-                        same += 1;
-                    }
-                    (Err(_), Err(_)) => both_failed += 1,
-                    (a, b) => panic!("{ty} {:?}: quiet {:?}, serde_json {:?}", v.get("id"), a.err(), b.err()),
+        each_case(5, wrong_kinds, |ty, v| {
+            let Some(quiet) = parse_typed(ty, v) else { return };
+            let reference = parse_typed_reference(ty, v).expect("the same types");
+            match (quiet, reference) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(a, b, "{ty} {:?}", v.get("id"));
+                    same += 1;
                 }
+                (Err(_), Err(_)) => both_failed += 1,
+                (a, b) => panic!("{ty} {:?}: quiet {:?}, serde_json {:?}", v.get("id"), a.err(), b.err()),
             }
-        }
+        });
         assert!(same > 1000 && both_failed > 100, "{same} parsed, {both_failed} rejected by both");
     }
 
@@ -373,19 +380,15 @@ mod tests {
     #[test]
     fn the_streaming_comparison_agrees_with_comparing_serialized_trees() {
         let (mut compared, mut mismatches) = (0, 0);
-        for (i, r) in fixture_resources().iter().enumerate() {
-            let variants = if i % 7 == 0 { mutations(r) } else { Vec::new() };
-            for v in std::iter::once(r).chain(&variants) {
-                let ty = v.get("resourceType").and_then(Value::as_str).unwrap_or("Resource");
-                let Some(Ok(typed)) = parse_typed(ty, v) else { continue };
-                let round = serde_json::to_value(&typed).unwrap();
-                let old = first_difference(v, &round, &mut ty.to_owned());
-                let new = compare_typed(v, &typed, &mut ty.to_owned()).unwrap();
-                assert_eq!(new, old, "{ty} {:?}", v.get("id"));
-                compared += 1;
-                mismatches += usize::from(new.is_some());
-            }
-        }
+        each_case(7, mutations, |ty, v| {
+            let Some(Ok(typed)) = parse_typed(ty, v) else { return };
+            let round = serde_json::to_value(&typed).unwrap();
+            let old = first_difference(v, &round, &mut ty.to_owned());
+            let new = compare_typed(v, &typed, &mut ty.to_owned()).unwrap();
+            assert_eq!(new, old, "{ty} {:?}", v.get("id"));
+            compared += 1;
+            mismatches += usize::from(new.is_some());
+        });
         assert!(compared > 1000, "only {compared} resources compared");
         assert!(mismatches > 100, "only {mismatches} mismatches exercised");
     }
