@@ -118,6 +118,14 @@ pub async fn run(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!("\nratio Chartline / floor = {:.2}", rest / floor);
+    // Each run measures the floor and Chartline back to back, so the ratio within a run is
+    // less exposed to a VM whose speed drifts between minutes than the ratio of medians.
+    let per_run: Vec<f64> = runs.iter().map(|r| r.copy_s / r.rest_s).collect();
+    println!(
+        "per-run ratios (floor and Chartline back to back): {} (median {:.2})",
+        list(per_run.iter().copied()),
+        median(per_run.clone()).unwrap_or(f64::NAN)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
