@@ -254,10 +254,7 @@ mod tests {
 
     #[test]
     fn stored_text_matches_for_every_fixture_resource() {
-        let fixtures = std::env::var_os("CHARTLINE_FIXTURES")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"));
-        let dir = fixtures.join("synthea/blaze-synthea-2.7.0");
+        let dir = crate::test_fixtures().join("synthea/blaze-synthea-2.7.0");
         let mut files: Vec<_> = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
         files.sort();
         assert!(files.len() >= 3, "fixtures at {}", dir.display());

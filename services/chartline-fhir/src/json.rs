@@ -26,53 +26,11 @@ impl Default for Limits {
     }
 }
 
-/// Rejects JSON nested deeper than `max_depth` before any parser recurses into it.
-/// A byte scan: brackets counted, strings (with escapes) skipped with `memchr`, which
-/// matters for base64 attachments (most of a clinical note's bytes).
-pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), FhirError> {
-    let mut depth = 0usize;
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'"' => {
-                // To the closing quote; a backslash escapes the byte after it.
-                i += 1;
-                loop {
-                    match memchr::memchr2(b'"', b'\\', &bytes[i.min(bytes.len())..]) {
-                        // Unterminated: the parser reports it.
-                        None => return Ok(()),
-                        Some(j) if bytes[i + j] == b'\\' => i += j + 2,
-                        Some(j) => {
-                            i += j + 1;
-                            break;
-                        }
-                    }
-                }
-                continue;
-            }
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > max_depth {
-                    return Err(FhirError::new(
-                        IssueCode::TooCostly,
-                        format!("JSON is nested deeper than the configured limit of {max_depth} levels"),
-                    ));
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-        i += 1;
-    }
-    Ok(())
-}
-
 /// Parses one JSON document within `limits`. Errors say where (line, column), not what.
 ///
 /// The nesting bound is enforced while the tree is built: the parser stops at the first
-/// object or array past `max_depth` levels, before recursing into it, so no separate scan
-/// of the bytes is needed ([`check_depth`] remains for callers that want one without a
-/// parse). The text is checked as UTF-8 once, up front, instead of string by string.
+/// object or array past `max_depth` levels, before recursing into it. The text is checked
+/// as UTF-8 once, up front, instead of string by string.
 pub fn parse_json(bytes: &[u8], limits: &Limits) -> Result<Value, FhirError> {
     if bytes.len() > limits.max_bytes {
         return Err(FhirError::new(
@@ -91,18 +49,18 @@ pub fn parse_json(bytes: &[u8], limits: &Limits) -> Result<Value, FhirError> {
     };
     let too_deep = std::cell::Cell::new(false);
     let mut de = serde_json::Deserializer::from_str(text);
-    let max_depth = limits.max_depth.min(PARSER_MAX_DEPTH);
-    let parsed = DepthSeed { depth: 0, max_depth, too_deep: &too_deep }.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    let parsed = DepthSeed { depth: 0, max_depth: limits.max_depth, too_deep: &too_deep }.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
     match parsed {
         Ok(v) => Ok(v),
         Err(_) if too_deep.get() => Err(nested_too_deep(limits.max_depth)),
-        // serde_json's own bound; not reached while ours is below it, kept as a backstop.
+        // serde_json's own bound, for limits configured above it.
         Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err(nested_too_deep(limits.max_depth)),
         Err(e) => Err(malformed(format!("malformed JSON at line {} column {}: {}", e.line(), e.column(), json_error_kind(&e)))),
     }
 }
 
-/// serde_json refuses the 128th level of nesting whatever we configure.
+/// serde_json refuses the 128th level of nesting, before our visitor sees it, whatever we
+/// configure.
 const PARSER_MAX_DEPTH: usize = 127;
 
 fn nested_too_deep(configured: usize) -> FhirError {
@@ -247,11 +205,11 @@ mod tests {
         let limits = Limits { max_depth: 2, ..Limits::default() };
         // An escaped quote does not end the string; an escaped backslash does not escape the quote.
         assert!(parse_json(br#"{"a": "\"[[[[", "b": "x\\\\"}"#, &limits).is_ok());
-        assert!(check_depth(br#"{"a": "x\\\\", "b": [[1]]}"#, 2).is_err());
-        assert!(check_depth(br#"{"a": "\\"}"#, 1).is_ok());
-        // A string cut off after a backslash is left to the parser.
-        assert!(check_depth(b"[\"abc\\", 1).is_ok());
-        assert!(check_depth(b"[[", 1).is_err());
+        assert_eq!(parse_json(br#"{"a": "x\\\\", "b": [[1]]}"#, &limits).unwrap_err().code(), IssueCode::TooCostly);
+        assert!(parse_json(br#"{"a": "\\"}"#, &Limits { max_depth: 1, ..limits }).is_ok());
+        assert_eq!(parse_json(b"[[", &Limits { max_depth: 1, ..limits }).unwrap_err().code(), IssueCode::TooCostly);
+        // A string cut off after a backslash is malformed, not too deep.
+        assert_eq!(parse_json(b"[\"abc\\", &Limits { max_depth: 1, ..limits }).unwrap_err().code(), IssueCode::Invalid);
     }
 
     #[test]
@@ -263,8 +221,6 @@ mod tests {
             let err = parse_json(deep, &limits).unwrap_err();
             assert_eq!(err.code(), IssueCode::TooCostly, "{}", String::from_utf8_lossy(deep));
         }
-        // The byte scan and the parser agree on where the limit lies.
-        assert!(check_depth(b"[[[1]]]", 3).is_ok() && check_depth(b"[[[[1]]]]", 3).is_err());
     }
 
     #[test]
@@ -299,10 +255,7 @@ mod tests {
         let odd = br#"{"i": -12, "u": 18446744073709551615, "f": 1.5e-7, "z": -0.0, "s": "a\u00e9\n\"",
             "d": 1, "d": 2, "n": null, "b": [true, false, [], {}], "big": 1e308}"#;
         assert_eq!(parse_json(odd, &Limits::default()).unwrap(), serde_json::from_slice::<Value>(odd).unwrap());
-        let fixtures = std::env::var_os("CHARTLINE_FIXTURES")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"));
-        let mut files: Vec<_> = std::fs::read_dir(fixtures.join("synthea/blaze-synthea-2.7.0")).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        let mut files: Vec<_> = std::fs::read_dir(crate::test_fixtures().join("synthea/blaze-synthea-2.7.0")).into_iter().flatten().flatten().map(|e| e.path()).collect();
         files.sort();
         let mut compared = 0;
         for f in files.iter().take(3) {

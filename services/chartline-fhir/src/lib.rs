@@ -19,7 +19,7 @@ mod validate;
 pub use error::{FhirError, Issue, IssueCode, Severity};
 pub use events::{PatientEvent, extract_events, patient_of};
 pub use hash::{CanonicalJson, content_sha256};
-pub use json::{Limits, check_depth, parse_json};
+pub use json::{Limits, parse_json};
 pub use reference::{Link, LinkPath, Reference, for_each_link_mut, for_each_reference, parse_reference};
 pub use resource_types::{R4_RESOURCE_TYPES, is_resource_type};
 pub use typed::{TypedCheck, typed_check};
@@ -27,3 +27,11 @@ pub use validate::{is_valid_id, validate_resource};
 
 /// The FHIR version Chartline speaks on the wire.
 pub const FHIR_VERSION: &str = "4.0.1";
+
+/// The shared fixtures folder for this crate's tests (`CHARTLINE_FIXTURES` overrides it).
+#[cfg(test)]
+pub(crate) fn test_fixtures() -> std::path::PathBuf {
+    std::env::var_os("CHARTLINE_FIXTURES")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"))
+}

@@ -254,16 +254,10 @@ mod tests {
         assert_eq!(first_difference(&a, &b, &mut String::new()), None);
     }
 
-    fn fixtures() -> std::path::PathBuf {
-        std::env::var_os("CHARTLINE_FIXTURES")
-            .map(Into::into)
-            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"))
-    }
-
     /// Every resource of the HL7 examples, US Core, the validator inputs and two Synthea
     /// patients (Bundle entries included), as parsed JSON.
     fn fixture_resources() -> Vec<Value> {
-        let root = fixtures();
+        let root = crate::test_fixtures();
         let mut files = Vec::new();
         for dir in ["fhir-r4-examples", "us-core", "validator-cases/inputs"] {
             for e in std::fs::read_dir(root.join(dir)).unwrap() {
