@@ -485,12 +485,13 @@ async fn stored_rows_read_back_exactly_as_derived_from_each_stored_version(pool:
         let content: Value = serde_json::from_str(content.as_deref().expect("current versions have content")).expect("JSON text");
         assert_eq!(content["id"], json!(id));
         assert_eq!(content["meta"]["versionId"], json!(version.to_string()));
-        assert_eq!(sha.as_slice(), chartline_fhir::content_sha256(&content).as_slice(), "{ty}/{id}: hash of the stored text");
-        assert_eq!(patient.as_deref(), chartline_fhir::patient_of(&content).as_deref(), "{ty}/{id}: compartment");
+        let tree = chartline_fhir::Json::from(&content);
+        assert_eq!(sha.as_slice(), chartline_fhir::content_sha256(&tree).as_slice(), "{ty}/{id}: hash of the stored text");
+        assert_eq!(patient.as_deref(), chartline_fhir::patient_of(&tree).as_deref(), "{ty}/{id}: compartment");
 
         let stored = events.remove(&(ty.clone(), id.clone(), *version)).unwrap_or_default();
         let micros = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_micros());
-        let expected = if patient.is_some() { chartline_fhir::extract_events(&content) } else { Vec::new() };
+        let expected = if patient.is_some() { chartline_fhir::extract_events(&tree) } else { Vec::new() };
         assert_eq!(stored.len(), expected.len(), "{ty}/{id}: one row per derived event");
         for ((row, value), e) in stored.iter().zip(&expected) {
             assert_eq!(row.0, e.component);

@@ -82,11 +82,11 @@ async fn from_bundle_to_cds_card_with_fhir_composition_and_provenance(pool: PgPo
     assert_eq!(status, 200, "{comp}");
     assert_eq!(comp["meta"]["security"][0]["code"], "AIAST");
     assert_eq!(comp["subject"]["reference"], format!("Patient/{CKD_PATIENT}"));
-    chartline_fhir::validate_resource(&comp, &chartline_fhir::Limits::default()).expect("the Composition is valid FHIR");
+    chartline_fhir::validate_resource(&chartline_fhir::Json::from(&comp), &chartline_fhir::Limits::default()).expect("the Composition is valid FHIR");
     let (status, bundle) = server.get(&format!("/Provenance?target=Composition/{}", s.output_id)).await;
     assert_eq!((status, bundle["total"].as_u64()), (200, Some(1)), "{bundle}");
     let prov = &bundle["entry"][0]["resource"];
-    chartline_fhir::validate_resource(prov, &chartline_fhir::Limits::default()).expect("the Provenance is valid FHIR");
+    chartline_fhir::validate_resource(&chartline_fhir::Json::from(prov), &chartline_fhir::Limits::default()).expect("the Provenance is valid FHIR");
     let device = prov["agent"][0]["who"]["reference"].as_str().expect("a Device agent");
     let (status, dev) = server.get(&format!("/{device}")).await;
     assert_eq!(status, 200);

@@ -249,6 +249,7 @@ pub async fn generate(
 }
 
 fn to_write(resource: Value) -> ResourceWrite {
+    let resource = chartline_fhir::Json::from(resource);
     ResourceWrite {
         resource_type: resource["resourceType"].as_str().unwrap_or_default().to_owned(),
         id: resource["id"].as_str().unwrap_or_default().to_owned(),

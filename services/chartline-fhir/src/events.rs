@@ -2,7 +2,7 @@
 //! an indexed SELECT and never a walk over stored JSON.
 
 use chrono::{DateTime, NaiveDate, Utc};
-use serde_json::Value;
+use crate::tree::Json as Value;
 
 use crate::reference::{Reference, parse_reference};
 
@@ -322,7 +322,13 @@ pub(crate) fn parse_fhir_time(s: &str) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    /// `json!`, as a [`crate::Json`].
+    macro_rules! json {
+        ($($t:tt)*) => {
+            crate::Json::from(serde_json::json!($($t)*))
+        };
+    }
 
     #[test]
     fn blood_pressure_components_become_rows_of_their_own() {

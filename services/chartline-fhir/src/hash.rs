@@ -1,7 +1,8 @@
 //! Content hashing for change detection.
 
-use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use crate::tree::{Json as Value, Object};
 
 /// sha256 of a resource's canonical JSON (keys sorted, no insignificant whitespace),
 /// leaving out `meta.versionId` and `meta.lastUpdated`, which the server sets: two
@@ -42,9 +43,10 @@ struct Slot {
 }
 
 impl CanonicalJson {
-    /// Serializes `resource` canonically. serde_json's Map is a BTreeMap here (no
-    /// `preserve_order`), so its compact serialization is already sorted; only the top-level
-    /// `meta` needs its server-managed elements left out.
+    /// Serializes `resource` canonically. A [`crate::Json`] object is sorted by key, so its
+    /// compact serialization is already canonical (byte for byte what serde_json writes for
+    /// the same `Value`, whose B-tree map has the same order); only the top-level `meta`
+    /// needs its server-managed elements left out.
     pub fn of(resource: &Value) -> Self {
         let mut buf = Vec::with_capacity(1024);
         let Value::Object(map) = resource else {
@@ -63,7 +65,7 @@ impl CanonicalJson {
         for (k, val) in map {
             if let Some(None) = client_meta {
                 // The whole meta member goes before the first key after "meta".
-                if slots.is_none() && k.as_str() >= "meta" {
+                if slots.is_none() && k >= "meta" {
                     slots = Some(Slots::Member(Slot { at: buf.len(), after_member: !first, before_member: false }));
                 }
                 if k == "meta" {
@@ -76,7 +78,7 @@ impl CanonicalJson {
             first = false;
             write_json(&mut buf, k);
             buf.push(b':');
-            match (k.as_str(), val, client_meta) {
+            match (k, val, client_meta) {
                 ("meta", Value::Object(meta), Some(Some(_))) => slots = Some(write_meta(&mut buf, meta)),
                 _ => write_json(&mut buf, val),
             }
@@ -155,7 +157,7 @@ impl CanonicalJson {
 
 /// Writes the client's `meta` elements (at least one) without the server's, noting where
 /// `lastUpdated` and `versionId` belong in key order.
-fn write_meta(buf: &mut Vec<u8>, meta: &serde_json::Map<String, Value>) -> Slots {
+fn write_meta(buf: &mut Vec<u8>, meta: &Object) -> Slots {
     buf.push(b'{');
     let mut first = true;
     let (mut last_updated, mut version_id) = (None, None);
@@ -164,7 +166,7 @@ fn write_meta(buf: &mut Vec<u8>, meta: &serde_json::Map<String, Value>) -> Slots
             continue;
         }
         for (name, slot) in [("lastUpdated", &mut last_updated), ("versionId", &mut version_id)] {
-            if slot.is_none() && k.as_str() > name {
+            if slot.is_none() && k > name {
                 *slot = Some(Slot { at: buf.len(), after_member: !first, before_member: true });
             }
         }
@@ -182,14 +184,20 @@ fn write_meta(buf: &mut Vec<u8>, meta: &serde_json::Map<String, Value>) -> Slots
 }
 
 fn write_json<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, v: &T) {
-    // Writing a Value or a str into a Vec cannot fail (no non-string keys, no IO).
+    // Writing a tree or a str into a Vec cannot fail (no non-string keys, no IO).
     let _ = serde_json::to_writer(&mut *buf, v);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    /// `json!`, as a [`crate::Json`].
+    macro_rules! json {
+        ($($t:tt)*) => {
+            crate::Json::from(serde_json::json!($($t)*))
+        };
+    }
 
     #[test]
     fn server_managed_meta_does_not_change_the_hash() {
@@ -211,11 +219,11 @@ mod tests {
 
     /// What the store wrote before: the resource with the server meta set, serialized.
     fn stored_the_slow_way(v: &Value, version: &str, last_updated: &str) -> String {
-        let mut v = v.clone();
-        if let Value::Object(map) = &mut v {
-            if let Value::Object(m) = map.entry("meta").or_insert_with(|| json!({})) {
-                m.insert("versionId".into(), json!(version));
-                m.insert("lastUpdated".into(), json!(last_updated));
+        let mut v = serde_json::Value::from(v);
+        if let serde_json::Value::Object(map) = &mut v {
+            if let serde_json::Value::Object(m) = map.entry("meta").or_insert_with(|| serde_json::json!({})) {
+                m.insert("versionId".into(), serde_json::json!(version));
+                m.insert("lastUpdated".into(), serde_json::json!(last_updated));
             }
         }
         serde_json::to_string(&v).unwrap_or_default()
@@ -260,8 +268,8 @@ mod tests {
         assert!(files.len() >= 3, "fixtures at {}", dir.display());
         let mut n = 0;
         for f in files.iter().take(3) {
-            let bundle: Value = serde_json::from_slice(&std::fs::read(f).unwrap_or_default()).unwrap_or_default();
-            for e in bundle["entry"].as_array().into_iter().flatten() {
+            let bundle = crate::parse_json(&std::fs::read(f).unwrap_or_default(), &crate::Limits::default()).unwrap_or_default();
+            for e in bundle["entry"].as_array().unwrap_or_default() {
                 let r = &e["resource"];
                 assert_eq!(CanonicalJson::of(r).with_server_meta("1", "2026-11-30T00:00:00Z"), stored_the_slow_way(r, "1", "2026-11-30T00:00:00Z"));
                 n += 1;

@@ -1,7 +1,8 @@
 //! JSON parsing with the limits a public endpoint needs.
 
 use serde::de::DeserializeSeed as _;
-use serde_json::Value;
+
+use crate::tree::{Json, Stacks, TreeSeed};
 
 use crate::error::{FhirError, IssueCode};
 
@@ -28,10 +29,10 @@ impl Default for Limits {
 
 /// Parses one JSON document within `limits`. Errors say where (line, column), not what.
 ///
-/// The nesting bound is enforced while the tree is built: the parser stops at the first
+/// The tree is a [`Json`]. The nesting bound is enforced while the tree is built: the parser stops at the first
 /// object or array past `max_depth` levels, before recursing into it. The text is checked
 /// as UTF-8 once, up front, instead of string by string.
-pub fn parse_json(bytes: &[u8], limits: &Limits) -> Result<Value, FhirError> {
+pub fn parse_json(bytes: &[u8], limits: &Limits) -> Result<Json, FhirError> {
     if bytes.len() > limits.max_bytes {
         return Err(FhirError::new(
             IssueCode::TooLong,
@@ -49,7 +50,9 @@ pub fn parse_json(bytes: &[u8], limits: &Limits) -> Result<Value, FhirError> {
     };
     let too_deep = std::cell::Cell::new(false);
     let mut de = serde_json::Deserializer::from_str(text);
-    let parsed = DepthSeed { depth: 0, max_depth: limits.max_depth, too_deep: &too_deep }.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    let stacks = Stacks::default();
+    let seed = TreeSeed { depth: 0, max_depth: limits.max_depth, too_deep: &too_deep, stacks: &stacks };
+    let parsed = seed.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
     match parsed {
         Ok(v) => Ok(v),
         Err(_) if too_deep.get() => Err(nested_too_deep(limits.max_depth)),
@@ -76,101 +79,6 @@ fn malformed(message: String) -> FhirError {
     let mut err = FhirError::new(IssueCode::Invalid, message);
     err.issues[0].severity = crate::Severity::Fatal;
     err
-}
-
-/// Builds a `serde_json::Value` as serde_json's own visitor does, counting the levels of
-/// objects and arrays on the way down and refusing the first one past `max_depth`. One
-/// difference: with serde_json's `raw_value` feature (on in this workspace), its visitor
-/// reads an object whose key is `$serde_json::private::RawValue` as JSON text embedded in
-/// that key's string and parses it, unbounded by our limit; this one keeps the object as
-/// sent.
-#[derive(Clone, Copy)]
-struct DepthSeed<'c> {
-    depth: usize,
-    max_depth: usize,
-    too_deep: &'c std::cell::Cell<bool>,
-}
-
-impl DepthSeed<'_> {
-    fn enter<E: serde::de::Error>(self) -> Result<Self, E> {
-        if self.depth >= self.max_depth {
-            self.too_deep.set(true);
-            return Err(E::custom("nested too deep"));
-        }
-        Ok(DepthSeed { depth: self.depth + 1, ..self })
-    }
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for DepthSeed<'_> {
-    type Value = Value;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for DepthSeed<'_> {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        // Non-finite numbers cannot come out of JSON text; serde_json maps them to null too.
-        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
-    }
-
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
-    }
-
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
-    }
-
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_none<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        serde::de::DeserializeSeed::deserialize(self, d)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let inner = self.enter()?;
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(item) = seq.next_element_seed(inner)? {
-            items.push(item);
-        }
-        Ok(Value::Array(items))
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let inner = self.enter()?;
-        let mut object = serde_json::Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            let value = map.next_value_seed(inner)?;
-            object.insert(key, value);
-        }
-        Ok(Value::Object(object))
-    }
 }
 
 fn json_error_kind(e: &serde_json::Error) -> &'static str {
@@ -254,13 +162,16 @@ mod tests {
         // Numbers of every kind, escapes, duplicate keys (the last wins in both), nulls.
         let odd = br#"{"i": -12, "u": 18446744073709551615, "f": 1.5e-7, "z": -0.0, "s": "a\u00e9\n\"",
             "d": 1, "d": 2, "n": null, "b": [true, false, [], {}], "big": 1e308}"#;
-        assert_eq!(parse_json(odd, &Limits::default()).unwrap(), serde_json::from_slice::<Value>(odd).unwrap());
+        assert_eq!(parse_json(odd, &Limits::default()).unwrap(), Json::from(serde_json::from_slice::<serde_json::Value>(odd).unwrap()));
         let mut files: Vec<_> = std::fs::read_dir(crate::test_fixtures().join("synthea/blaze-synthea-2.7.0")).into_iter().flatten().flatten().map(|e| e.path()).collect();
         files.sort();
         let mut compared = 0;
         for f in files.iter().take(3) {
             let bytes = std::fs::read(f).unwrap();
-            assert_eq!(parse_json(&bytes, &Limits::default()).unwrap(), serde_json::from_slice::<Value>(&bytes).unwrap());
+            let tree = parse_json(&bytes, &Limits::default()).unwrap();
+            let reference = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap();
+            assert_eq!(tree, Json::from(reference.clone()));
+            assert_eq!(tree.to_json_string(), reference.to_string(), "the same compact text");
             compared += 1;
         }
         assert_eq!(compared, 3);

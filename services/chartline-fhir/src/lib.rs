@@ -2,8 +2,8 @@
 //! plus a round trip through `fhir-sdk`'s typed R4B models), reference walking and the
 //! extraction of flat patient events. Nothing here does IO.
 //!
-//! Everything takes `serde_json::Value`: the bytes a client sent are parsed once, at the
-//! edge, and every later step works on that tree.
+//! Everything takes a [`Json`] tree (objects as key-sorted slices, see `tree`): the bytes a
+//! client sent are parsed once, at the edge, and every later step works on that tree.
 
 mod error;
 mod events;
@@ -11,6 +11,7 @@ mod hash;
 mod json;
 mod reference;
 mod resource_types;
+mod tree;
 mod typed;
 mod typed_compare;
 mod typed_de;
@@ -22,6 +23,7 @@ pub use hash::{CanonicalJson, content_sha256};
 pub use json::{Limits, parse_json};
 pub use reference::{Link, LinkPath, Reference, for_each_link_mut, for_each_reference, parse_reference};
 pub use resource_types::{R4_RESOURCE_TYPES, is_resource_type};
+pub use tree::{Json, Number, Object};
 pub use typed::{TypedCheck, typed_check};
 pub use validate::{is_valid_id, validate_resource};
 

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use serde_json::Value;
+use crate::tree::Json as Value;
 
 /// A classified `Reference.reference` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,11 +132,11 @@ impl LinkPath<'_> {
 
 /// Calls `f(kind, path, value)` for every `reference` and every `url` string in the tree,
 /// allowing rewrites: one walk for the reference and url rules of a transaction.
-pub fn for_each_link_mut<E>(v: &mut Value, f: &mut dyn FnMut(Link, &LinkPath<'_>, &mut String) -> Result<(), E>) -> Result<(), E> {
+pub fn for_each_link_mut<E>(v: &mut Value, f: &mut dyn FnMut(Link, &LinkPath<'_>, &mut Box<str>) -> Result<(), E>) -> Result<(), E> {
     fn walk<E>(
         v: &mut Value,
         path: &LinkPath<'_>,
-        f: &mut dyn FnMut(Link, &LinkPath<'_>, &mut String) -> Result<(), E>,
+        f: &mut dyn FnMut(Link, &LinkPath<'_>, &mut Box<str>) -> Result<(), E>,
     ) -> Result<(), E> {
         match v {
             Value::Object(map) => {
@@ -194,15 +194,15 @@ mod tests {
 
     #[test]
     fn every_nested_reference_is_visited_and_rewritable() {
-        let mut v = serde_json::json!({
+        let mut v = crate::Json::from(serde_json::json!({
             "resourceType": "Encounter",
             "subject": {"reference": "urn:uuid:1"},
             "participant": [{"individual": {"reference": "urn:uuid:2"}}]
-        });
+        }));
         let mut seen = vec![];
         for_each_link_mut::<()>(&mut v, &mut |kind, path, r| {
             seen.push((kind, path.render()));
-            *r = r.replace("urn:uuid:", "Patient/");
+            *r = r.replace("urn:uuid:", "Patient/").into();
             Ok(())
         })
         .unwrap();

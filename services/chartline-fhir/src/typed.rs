@@ -9,7 +9,8 @@
 
 use fhir_sdk::r4b::resources::Resource;
 use serde::Deserialize;
-use serde_json::Value;
+
+use crate::tree::Json as Value;
 
 use crate::error::{Issue, IssueCode};
 use crate::typed_de::{Failed, Quiet};
@@ -49,7 +50,7 @@ macro_rules! r4b_resource_types {
         /// The same parse through serde_json's own `&Value` deserializer: what the typed
         /// check used before `Quiet`, kept as the tests' reference.
         #[cfg(test)]
-        fn parse_typed_reference(ty: &str, v: &Value) -> Option<Result<Resource, serde_json::Error>> {
+        fn parse_typed_reference(ty: &str, v: &serde_json::Value) -> Option<Result<Resource, serde_json::Error>> {
             use fhir_sdk::r4b::resources as r;
             Some(match ty {
                 $(stringify!($name) => r::$name::deserialize(v).map(Resource::$name),)*
@@ -152,7 +153,8 @@ fn redact(msg: &str) -> String {
 /// The reference for [`crate::typed_compare`]: the first difference between the sent tree
 /// and the typed model's serialized tree.
 #[cfg(test)]
-fn first_difference(orig: &Value, round: &Value, path: &mut String) -> Option<String> {
+fn first_difference(orig: &serde_json::Value, round: &serde_json::Value, path: &mut String) -> Option<String> {
+    use serde_json::Value;
     match (orig, round) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, av) in a {
@@ -211,6 +213,11 @@ pub(crate) fn same_instant(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+
+    fn lean(v: &Value) -> crate::Json {
+        crate::Json::from(v.clone())
+    }
 
     #[test]
     fn every_r4_type_that_r4b_models_is_parsed_into_its_own_type() {
@@ -219,7 +226,7 @@ mod tests {
         for &name in crate::R4_RESOURCE_TYPES {
             let in_r4b = fhir_sdk::r4b::resources::ResourceType::from_str(name).is_ok();
             let v = serde_json::json!({"resourceType": name, "id": "x"});
-            match parse_typed(name, &v) {
+            match parse_typed(name, &lean(&v)) {
                 None => assert!(!in_r4b, "{name} is an R4B resource type but is not parsed"),
                 Some(parsed) => {
                     assert!(in_r4b, "{name}");
@@ -234,7 +241,7 @@ mod tests {
             }
         }
         assert_eq!(modelled, 128, "R4 types that R4B models (the others rest on the JSON-level checks)");
-        assert_eq!(typed_check(&serde_json::json!({"resourceType": "MedicinalProduct"})), TypedCheck::Skipped("resource type not in the R4B models"));
+        assert_eq!(typed_check(&lean(&serde_json::json!({"resourceType": "MedicinalProduct"}))), TypedCheck::Skipped("resource type not in the R4B models"));
     }
 
     #[test]
@@ -243,7 +250,7 @@ mod tests {
         // An escaped quote inside the value does not end it (the rest stays hidden).
         assert_eq!(redact(r#"invalid type: string "x\" SSN 123", expected a boolean"#), "invalid type: string \"…\", expected a boolean");
         let v = serde_json::json!({"resourceType": "Patient", "active": "x\" SSN 123"});
-        let TypedCheck::Failed(issue) = typed_check(&v) else { panic!("a string for a boolean passed") };
+        let TypedCheck::Failed(issue) = typed_check(&lean(&v)) else { panic!("a string for a boolean passed") };
         assert!(!issue.diagnostics.contains("SSN"), "{}", issue.diagnostics);
     }
 
@@ -348,7 +355,7 @@ mod tests {
     fn the_quiet_parse_gives_what_serde_json_gives() {
         let (mut same, mut both_failed) = (0, 0);
         each_case(5, wrong_kinds, |ty, v| {
-            let Some(quiet) = parse_typed(ty, v) else { return };
+            let Some(quiet) = parse_typed(ty, &lean(v)) else { return };
             let reference = parse_typed_reference(ty, v).expect("the same types");
             match (quiet, reference) {
                 (Ok(a), Ok(b)) => {
@@ -365,20 +372,21 @@ mod tests {
     #[test]
     fn a_failed_parse_is_explained_with_serdes_message() {
         let v = serde_json::json!({"resourceType": "Patient", "active": "yes"});
-        let TypedCheck::Failed(issue) = typed_check(&v) else { panic!("a string for a boolean passed") };
+        let TypedCheck::Failed(issue) = typed_check(&lean(&v)) else { panic!("a string for a boolean passed") };
         assert!(issue.diagnostics.contains("invalid type: string \"…\", expected a boolean"), "{}", issue.diagnostics);
         // The message switch is off again: the next failure is quiet until explained.
-        assert!(matches!(parse_typed("Patient", &v), Some(Err(Failed(None)))));
+        assert!(matches!(parse_typed("Patient", &lean(&v)), Some(Err(Failed(None)))));
     }
 
     #[test]
     fn the_streaming_comparison_agrees_with_comparing_serialized_trees() {
         let (mut compared, mut mismatches) = (0, 0);
         each_case(7, mutations, |ty, v| {
-            let Some(Ok(typed)) = parse_typed(ty, v) else { return };
+            let tree = lean(v);
+            let Some(Ok(typed)) = parse_typed(ty, &tree) else { return };
             let round = serde_json::to_value(&typed).unwrap();
             let old = first_difference(v, &round, &mut ty.to_owned());
-            let new = compare_typed(v, &typed, &mut ty.to_owned()).unwrap();
+            let new = compare_typed(&tree, &typed, &mut ty.to_owned()).unwrap();
             assert_eq!(new, old, "{ty} {:?}", v.get("id"));
             compared += 1;
             mismatches += usize::from(new.is_some());

@@ -1,13 +1,15 @@
 //! Comparing the typed model's serialization with the JSON it was parsed from, without
 //! building the serialized tree: a `serde::Serializer` that walks the original `Value`
-//! alongside the typed model's output. Same rules as `first_difference` on the two trees
+//! alongside the typed model's output (a [`crate::Json`]). Same rules as `first_difference` on the two trees
 //! (which the tests keep as the reference): every element sent must come back with an
 //! equal value; elements the model adds are ignored.
 
 use std::fmt::{self, Write as _};
 
 use serde::ser::{self, Serialize};
-use serde_json::{Map, Number, Value};
+use serde_json::Number;
+
+use crate::tree::{Json as Value, Object};
 
 /// The first element of `orig` (in key order) that the typed value does not reproduce, as
 /// a path below `path`; `Err` if the typed value could not be serialized at all.
@@ -188,7 +190,7 @@ impl<'a, 'p> ser::Serializer for Cmp<'a, 'p> {
     }
     fn serialize_seq(self, len: Option<usize>) -> Result<Seq<'a, 'p>, Error> {
         let items = match self.orig {
-            Value::Array(items) => Some(items.as_slice()),
+            Value::Array(items) => Some(&items[..]),
             _ => None,
         };
         // A known length that differs is a mismatch at the array itself; decided at the end.
@@ -267,7 +269,7 @@ sequences!(SerializeSeq::serialize_element, SerializeTuple::serialize_element, S
 
 struct Obj<'a, 'p> {
     /// None when the original is not an object (a mismatch, reported at the end).
-    orig: Option<&'a Map<String, Value>>,
+    orig: Option<&'a Object>,
     path: &'p mut String,
     /// Keys of `orig` that came back.
     seen: Seen,
@@ -289,21 +291,16 @@ impl Obj<'_, '_> {
     fn compare<T: Serialize + ?Sized>(&mut self, len: usize, value: &T) -> Result<(), Error> {
         let Some(map) = self.orig else { return Ok(()) };
         // Elements the model adds (a default resourceType, say) are not compared.
-        let Some((key, orig)) = map.get_key_value(&self.path[len + 1..]) else { return Ok(()) };
-        if !self.seen.insert(key) {
+        let Some((pos, _, orig)) = map.get_full(&self.path[len + 1..]) else { return Ok(()) };
+        if !self.seen.insert(pos) {
             return Err(ser::Error::custom("the typed model wrote an element twice"));
         }
-        // Positions in key order matter only once something differs: the earliest wins.
-        let mut pos = None;
-        if let Some((first, _)) = &self.first {
-            let p = position(map, key);
-            if *first < p {
-                return Ok(());
-            }
-            pos = Some(p);
+        // Of several mismatches, the earliest in key order wins.
+        if self.first.as_ref().is_some_and(|(first, _)| *first < pos) {
+            return Ok(());
         }
         if let Some(p) = value.serialize(Cmp { orig, path: &mut *self.path })? {
-            self.first = Some((pos.unwrap_or_else(|| position(map, key)), p));
+            self.first = Some((pos, p));
         }
         Ok(())
     }
@@ -311,10 +308,10 @@ impl Obj<'_, '_> {
     fn finish(self) -> Found {
         let Some(map) = self.orig else { return Ok(Some(self.path.clone())) };
         // A key of the original that never came back is dropped content.
-        let missing = if self.seen.len() == map.len() { None } else { map.keys().position(|k| !self.seen.contains(k)) };
+        let missing = if self.seen.len() == map.len() { None } else { (0..map.len()).find(|&i| !self.seen.contains(i)) };
         match (missing, self.first) {
             (Some(m), first) if first.as_ref().is_none_or(|(p, _)| m < *p) => {
-                let key = map.keys().nth(m).map_or("", String::as_str);
+                let key = map.keys().nth(m).unwrap_or("");
                 Ok(Some(format!("{}.{key}", self.path)))
             }
             (_, first) => Ok(first.map(|(_, p)| p)),
@@ -322,38 +319,32 @@ impl Obj<'_, '_> {
     }
 }
 
-/// Where `key` (one of `map`'s own key strings) is in key order.
-fn position(map: &Map<String, Value>, key: &String) -> usize {
-    map.keys().position(|k| std::ptr::eq(k, key)).unwrap_or(usize::MAX)
-}
-
-/// The keys of one object that came back, by address (each is the map's own string):
-/// inline for the first 16, which covers nearly every FHIR element.
+/// The members of one object that came back, by their position in key order: a bit set,
+/// inline for the first 64, which covers every FHIR element.
 #[derive(Default)]
 struct Seen {
-    inline: [usize; 16],
-    len: usize,
+    inline: u64,
     more: Vec<usize>,
+    len: usize,
 }
 
 impl Seen {
-    /// False if `key` was there already.
-    fn insert(&mut self, key: &String) -> bool {
-        let a = std::ptr::from_ref(key) as usize;
-        if self.contains(key) {
+    /// False if `pos` was there already.
+    fn insert(&mut self, pos: usize) -> bool {
+        if self.contains(pos) {
             return false;
         }
-        match self.inline.get_mut(self.len) {
-            Some(slot) => *slot = a,
-            None => self.more.push(a),
+        if pos < 64 {
+            self.inline |= 1 << pos;
+        } else {
+            self.more.push(pos);
         }
         self.len += 1;
         true
     }
 
-    fn contains(&self, key: &String) -> bool {
-        let a = std::ptr::from_ref(key) as usize;
-        self.inline[..self.len.min(16)].contains(&a) || self.more.contains(&a)
+    fn contains(&self, pos: usize) -> bool {
+        if pos < 64 { self.inline & (1 << pos) != 0 } else { self.more.contains(&pos) }
     }
 
     fn len(&self) -> usize {

@@ -1,4 +1,4 @@
-//! A `serde::Deserializer` over a `serde_json::Value` tree whose error carries no message,
+//! A `serde::Deserializer` over a [`crate::Json`] tree whose error carries no message,
 //! for the typed check's first attempt.
 //!
 //! fhir-model maps every choice element (`value[x]`, `effective[x]`, an Extension's
@@ -17,7 +17,9 @@ use std::cell::Cell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Visitor};
-use serde_json::{Map, Number, Value};
+use serde_json::Number;
+
+use crate::tree::{Json as Value, Object};
 
 thread_local! {
     /// Set while a failed parse is run again for its message.
@@ -100,8 +102,8 @@ fn visit_array<'de, V: Visitor<'de>>(items: &'de [Value], visitor: V) -> Result<
     if seq.items.len() == 0 { Ok(out) } else { Err(de::Error::invalid_length(items.len(), &"fewer elements in array")) }
 }
 
-fn visit_object<'de, V: Visitor<'de>>(map: &'de Map<String, Value>, visitor: V) -> Result<V::Value, Failed> {
-    let mut access = Entries { entries: map.iter(), value: None };
+fn visit_object<'de, V: Visitor<'de>>(map: &'de Object, visitor: V) -> Result<V::Value, Failed> {
+    let mut access = Entries { entries: map.members().iter(), value: None };
     let out = visitor.visit_map(&mut access)?;
     if access.entries.len() == 0 { Ok(out) } else { Err(de::Error::invalid_length(map.len(), &"fewer elements in map")) }
 }
@@ -242,7 +244,7 @@ impl<'de> de::SeqAccess<'de> for Seq<'de> {
 }
 
 struct Entries<'de> {
-    entries: serde_json::map::Iter<'de>,
+    entries: std::slice::Iter<'de, (Box<str>, Value)>,
     value: Option<&'de Value>,
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use base64::Engine;
-use serde_json::{Map, Value};
+use crate::tree::{Json as Value, Object};
 
 use crate::error::{FhirError, Issue, IssueCode};
 use crate::json::Limits;
@@ -70,7 +70,7 @@ pub fn validate_resource<'a>(v: &'a Value, limits: &Limits) -> Result<&'a str, F
     if issues.is_empty() { Ok(ty) } else { Err(FhirError { issues }) }
 }
 
-fn resource_type_of(obj: &Map<String, Value>) -> Result<&str, FhirError> {
+fn resource_type_of(obj: &Object) -> Result<&str, FhirError> {
     match obj.get("resourceType") {
         None => Err(FhirError::new(IssueCode::Required, "resourceType is missing")),
         Some(Value::String(t)) if crate::is_resource_type(t) => Ok(t),
@@ -83,7 +83,7 @@ fn resource_type_of(obj: &Map<String, Value>) -> Result<&str, FhirError> {
     }
 }
 
-fn check_resource_shell(obj: &Map<String, Value>, ty: &str, issues: &mut Vec<Issue>) {
+fn check_resource_shell(obj: &Object, ty: &str, issues: &mut Vec<Issue>) {
     match obj.get("id") {
         None => {}
         Some(Value::String(id)) if is_valid_id(id) => {}
@@ -165,7 +165,7 @@ fn walk<'a>(v: &'a Value, ty: &str, path: &mut Path<'a>, limits: &Limits, issues
                 path.segments.push(Segment::Key(k));
                 data |= k == "data";
                 start |= k == "start";
-                match (k.as_str(), child) {
+                match (k, child) {
                     // Bundle entries' resources are validated as resources of their own by check_bundle.
                     ("resource" | "outcome", Value::Object(o)) if o.contains_key("resourceType") && ty == "Bundle" => {}
                     ("div", Value::String(s)) => check_xhtml(s, path, issues),
@@ -242,7 +242,7 @@ fn string_content_issue(s: &str) -> Option<&'static str> {
 const CONTROL: &str = "strings must not contain control characters other than CR, LF and TAB";
 
 /// An Attachment's `data` must be base64, and `size` (when given) its decoded length.
-fn check_attachment(map: &Map<String, Value>, path: &Path<'_>, issues: &mut Vec<Issue>) {
+fn check_attachment(map: &Object, path: &Path<'_>, issues: &mut Vec<Issue>) {
     let Some(Value::String(data)) = map.get("data") else { return };
     let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
     let decoded = match base64::engine::general_purpose::STANDARD.decode(compact.as_bytes()) {
@@ -301,7 +301,7 @@ fn has_event_attribute(lower: &str) -> bool {
 
 /// Bundle rules: each entry's resource is valid; fullUrls are absolute or URNs, agree with
 /// the resource id and are unique (bdl-7, ignoring history bundles' versions).
-fn check_bundle(obj: &Map<String, Value>, limits: &Limits, issues: &mut Vec<Issue>) {
+fn check_bundle(obj: &Object, limits: &Limits, issues: &mut Vec<Issue>) {
     let bundle_type = obj.get("type").and_then(Value::as_str).unwrap_or("");
     if obj.get("type").is_none() {
         issues.push(Issue::error(IssueCode::Required, "Bundle.type is required").at("Bundle.type"));
@@ -448,7 +448,7 @@ fn check_que_12(items: &Value, path: &str, issues: &mut Vec<Issue>) {
     let Some(items) = items.as_array() else { return };
     for (i, item) in items.iter().enumerate() {
         let p = format!("{path}[{i}]");
-        let n = item.get("enableWhen").and_then(Value::as_array).map_or(0, Vec::len);
+        let n = item.get("enableWhen").and_then(Value::as_array).map_or(0, <[Value]>::len);
         if n > 1 && item.get("enableBehavior").is_none() {
             issues.push(Issue::error(IssueCode::Invariant, "que-12: enableBehavior is required when there is more than one enableWhen").at(&p));
         }
@@ -461,7 +461,7 @@ fn check_que_12(items: &Value, path: &str, issues: &mut Vec<Issue>) {
 /// per-1 on anything shaped like a Period: start must not be after end. With FHIRPath's
 /// precision rules, values equal up to the shorter precision but of different precision
 /// cannot be compared, and that fails the invariant too.
-fn check_period(map: &Map<String, Value>, path: &Path<'_>, issues: &mut Vec<Issue>) {
+fn check_period(map: &Object, path: &Path<'_>, issues: &mut Vec<Issue>) {
     let (Some(Value::String(start)), Some(Value::String(end))) = (map.get("start"), map.get("end")) else { return };
     let (Some(ps), Some(pe)) = (date_precision(start), date_precision(end)) else { return };
     let ok = if ps == pe && ps > 10 {
@@ -507,9 +507,9 @@ fn bundle_without_resources(v: &Value) -> Value {
     let Value::Object(map) = v else { return v.clone() };
     let shell = map
         .iter()
-        .map(|(k, val)| match (k.as_str(), val) {
-            ("entry", Value::Array(entries)) => (k.clone(), Value::Array(entries.iter().map(entry_shell).collect())),
-            _ => (k.clone(), val.clone()),
+        .map(|(k, val)| match (k, val) {
+            ("entry", Value::Array(entries)) => (k.into(), Value::Array(entries.iter().map(entry_shell).collect())),
+            _ => (k.into(), val.clone()),
         })
         .collect();
     Value::Object(shell)
@@ -519,12 +519,12 @@ fn entry_shell(e: &Value) -> Value {
     let Value::Object(eo) = e else { return e.clone() };
     let shell = eo
         .iter()
-        .filter(|(k, _)| k.as_str() != "resource")
-        .map(|(k, val)| match (k.as_str(), val) {
+        .filter(|(k, _)| *k != "resource")
+        .map(|(k, val)| match (k, val) {
             ("response", Value::Object(resp)) => {
-                (k.clone(), Value::Object(resp.iter().filter(|(k, _)| k.as_str() != "outcome").map(|(k, v)| (k.clone(), v.clone())).collect()))
+                (k.into(), Value::Object(resp.iter().filter(|(k, _)| *k != "outcome").map(|(k, v)| (k.into(), v.clone())).collect()))
             }
-            _ => (k.clone(), val.clone()),
+            _ => (k.into(), val.clone()),
         })
         .collect();
     Value::Object(shell)
@@ -535,7 +535,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn check(v: Value) -> Result<(), FhirError> {
+    fn check(v: serde_json::Value) -> Result<(), FhirError> {
+        let v = Value::from(v);
         validate_resource(&v, &Limits::default()).map(|_| ())
     }
 

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use chartline_fhir::{FhirError, IssueCode, parse_json, validate_resource};
 use chartline_store::IngestRecord;
+use chartline_fhir::Json;
 use serde_json::{Value, json};
 
 use crate::prepare::{Entry, EntryResult, Method, Policy, apply, independent};
@@ -50,7 +51,7 @@ impl Ingestor {
         if ty != "Bundle" {
             return Err(FhirError::at(IssueCode::Invalid, "resourceType", "expected a Bundle").into());
         }
-        let kind = bundle.get("type").and_then(Value::as_str).unwrap_or("");
+        let kind = bundle.get("type").and_then(Json::as_str).unwrap_or("");
         match kind {
             "transaction" => {
                 record.kind = "transaction".into();
@@ -206,11 +207,11 @@ impl Ingestor {
 
 /// Reads the entries' requests. For a transaction the first bad entry fails the whole
 /// Bundle; for a batch each bad entry fails alone.
-fn parse_entries(mut bundle: Value, transaction: bool) -> Result<Vec<Result<Entry, FhirError>>, FhirError> {
+fn parse_entries(mut bundle: Json, transaction: bool) -> Result<Vec<Result<Entry, FhirError>>, FhirError> {
     // Entries are moved out of the Bundle, not copied: a 3,000-resource Bundle is large.
-    let Some(Value::Array(entries)) = bundle.get_mut("entry").map(Value::take) else { return Ok(Vec::new()) };
+    let Some(Json::Array(entries)) = bundle.get_mut("entry").map(Json::take) else { return Ok(Vec::new()) };
     let mut out = Vec::with_capacity(entries.len());
-    for (i, e) in entries.into_iter().enumerate() {
+    for (i, e) in entries.into_vec().into_iter().enumerate() {
         let entry = parse_entry(i, e);
         if transaction {
             out.push(Ok(entry?));
@@ -221,19 +222,19 @@ fn parse_entries(mut bundle: Value, transaction: bool) -> Result<Vec<Result<Entr
     Ok(out)
 }
 
-fn parse_entry(i: usize, mut e: Value) -> Result<Entry, FhirError> {
+fn parse_entry(i: usize, mut e: Json) -> Result<Entry, FhirError> {
     let location = format!("Bundle.entry[{i}]");
     let request = e
         .get_mut("request")
-        .map(Value::take)
+        .map(Json::take)
         .ok_or_else(|| FhirError::at(IssueCode::Required, format!("{location}.request"), "entry.request is required in a transaction or batch"))?;
-    let method = request.get("method").and_then(Value::as_str).unwrap_or("");
-    let url = request.get("url").and_then(Value::as_str).unwrap_or("");
+    let method = request.get("method").and_then(Json::as_str).unwrap_or("");
+    let url = request.get("url").and_then(Json::as_str).unwrap_or("");
     if url.is_empty() {
         return Err(FhirError::at(IssueCode::Required, format!("{location}.request.url"), "entry.request.url is required"));
     }
-    let resource = e.get_mut("resource").map(Value::take);
-    let rtype_of_resource = resource.as_ref().and_then(|r| r.get("resourceType")).and_then(Value::as_str).map(str::to_owned);
+    let resource = e.get_mut("resource").map(Json::take);
+    let rtype_of_resource = resource.as_ref().and_then(|r| r.get("resourceType")).and_then(Json::as_str).map(str::to_owned);
     let path = url.split('?').next().unwrap_or("").trim_matches('/');
     let query = url.split_once('?').map(|(_, q)| q.to_owned());
     let mut segments = path.split('/');
@@ -249,13 +250,13 @@ fn parse_entry(i: usize, mut e: Value) -> Result<Entry, FhirError> {
     }
     let m = match (method, url_id, query) {
         ("POST", None, None) => Method::Post {
-            if_none_exist: request.get("ifNoneExist").and_then(Value::as_str).map(|q| q.trim_start_matches('?').to_owned()),
+            if_none_exist: request.get("ifNoneExist").and_then(Json::as_str).map(|q| q.trim_start_matches('?').to_owned()),
         },
         ("PUT", Some(id), None) => {
             if !chartline_fhir::is_valid_id(&id) {
                 return Err(FhirError::at(IssueCode::Invalid, format!("{location}.request.url"), "request.url holds an invalid id"));
             }
-            if let Some(rid) = resource.as_ref().and_then(|r| r.get("id")).and_then(Value::as_str) {
+            if let Some(rid) = resource.as_ref().and_then(|r| r.get("id")).and_then(Json::as_str) {
                 if rid != id {
                     return Err(FhirError::at(IssueCode::Invalid, format!("{location}.resource.id"), "resource.id differs from the id in request.url"));
                 }
@@ -285,7 +286,7 @@ fn parse_entry(i: usize, mut e: Value) -> Result<Entry, FhirError> {
     Ok(Entry {
         index: i,
         location,
-        full_url: e.get("fullUrl").and_then(Value::as_str).map(str::to_owned),
+        full_url: e.get("fullUrl").and_then(Json::as_str).map(str::to_owned),
         resource_type: url_type,
         method: m,
         resource,

@@ -189,7 +189,7 @@ fn parse_line(line_no: u64, line: &[u8], limits: &chartline_fhir::Limits) -> Res
     if ty == "Bundle" {
         return Err(IngestError::invalid(IssueCode::NotSupported, "Bundles inside NDJSON are not imported; post them to /fhir"));
     }
-    let method = match v.get("id").and_then(Value::as_str) {
+    let method = match v.get("id").and_then(chartline_fhir::Json::as_str) {
         Some(id) => Method::Put { id: id.to_owned() },
         None => Method::Post { if_none_exist: None },
     };

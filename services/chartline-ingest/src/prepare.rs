@@ -4,12 +4,11 @@
 use std::collections::{HashMap, HashSet};
 
 use chartline_fhir::{
-    CanonicalJson, FhirError, Issue, IssueCode, Reference, extract_events, for_each_link_mut, is_valid_id, Link, LinkPath,
+    CanonicalJson, Json as Value, FhirError, Issue, IssueCode, Reference, extract_events, for_each_link_mut, is_valid_id, Link, LinkPath,
     parse_reference, patient_of,
 };
 use chartline_store::{ResourceWrite, StoreTx, WriteOutcome};
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 
 use crate::IngestError;
 
@@ -353,7 +352,7 @@ async fn resolve_references(
         let rtype = e.resource_type.clone();
         let Some(resource) = e.resource.as_mut() else { continue };
         if let Value::Object(m) = resource {
-            m.insert("id".into(), Value::String(id));
+            m.insert("id", Value::String(id.into_boxed_str()));
         }
         let prefix = format!("{location}.resource");
         let mut conditional_here = false;
@@ -365,20 +364,20 @@ async fn resolve_references(
             let at = || located(&prefix, &rtype, path);
             match parse_reference(s) {
                 Reference::Urn(u) => match known.get(u) {
-                    Some((ty, id)) => *s = format!("{ty}/{id}"),
+                    Some((ty, id)) => *s = format!("{ty}/{id}").into(),
                     None => {
                         return Err(FhirError::at(IssueCode::NotFound, at(), "reference to a urn that no entry of this Bundle carries").into());
                     }
                 },
                 Reference::Conditional { .. } => {
                     conditional_here = true;
-                    if seen.insert(s.clone()) {
-                        wanted.push((s.clone(), location.clone()));
+                    if seen.insert(s.to_string()) {
+                        wanted.push((s.to_string(), location.clone()));
                     }
                 }
                 Reference::Literal { absolute: true, .. } => {
-                    if let Some((ty, id)) = known.get(s.as_str()) {
-                        *s = format!("{ty}/{id}");
+                    if let Some((ty, id)) = known.get(&**s) {
+                        *s = format!("{ty}/{id}").into();
                     }
                 }
                 Reference::Literal { resource_type, id, absolute: false, .. } if policy.literal_refs_must_exist => {
@@ -405,8 +404,8 @@ async fn resolve_references(
             if link != Link::Reference || !matches!(parse_reference(s), Reference::Conditional { .. }) {
                 return Ok(());
             }
-            match conditional.get(s.as_str()) {
-                Some(Ok(r)) => *s = r.clone(),
+            match conditional.get(&**s) {
+                Some(Ok(r)) => *s = r.as_str().into(),
                 Some(Err(e)) => return Err(relocate(e, &located(&prefix, &rtype, path))),
                 None => {}
             }
@@ -433,9 +432,9 @@ fn located(prefix: &str, resource_type: &str, path: &LinkPath<'_>) -> String {
 /// FHIR's transaction rule for elements of type url: a `url` (an Attachment's above all)
 /// that spells the fullUrl of an entry of this request (`urn:uuid:…` or absolute) becomes
 /// that entry's `Type/id`, as references do. Other urls are left as sent.
-fn rewrite_url(s: &mut String, known: &HashMap<String, (String, String)>) {
-    if let Some((ty, id)) = known.get(s.as_str()) {
-        *s = format!("{ty}/{id}");
+fn rewrite_url(s: &mut Box<str>, known: &HashMap<String, (String, String)>) {
+    if let Some((ty, id)) = known.get(&**s) {
+        *s = format!("{ty}/{id}").into();
     }
 }
 
@@ -631,7 +630,7 @@ mod tests {
             ("http://ehr.example/fhir/Binary/b2".to_owned(), ("Binary".to_owned(), "b2".to_owned())),
         ]
         .into();
-        let mut v = serde_json::json!({
+        let mut v = Value::from(serde_json::json!({
             "resourceType": "DocumentReference",
             "content": [
                 {"attachment": {"contentType": "image/png", "url": "urn:uuid:0b5e4b2a-8a4c-4c7e-9d8e-1f2a3b4c5d6e"}},
@@ -639,7 +638,7 @@ mod tests {
                 {"attachment": {"contentType": "image/png", "url": "https://pacs.example/1.png"}}
             ],
             "extension": [{"url": "http://example.org/ext", "valueString": "urn:uuid:0b5e4b2a-8a4c-4c7e-9d8e-1f2a3b4c5d6e"}]
-        });
+        }));
         for_each_link_mut::<()>(&mut v, &mut |link, _, s| {
             if link == Link::Url {
                 rewrite_url(s, &known);
@@ -662,7 +661,7 @@ mod tests {
             full_url: Some("urn:uuid:4B86BEFA-fa7e-9285-615f-e081dab3f93c".into()),
             resource_type: "Patient".into(),
             method: Method::Post { if_none_exist: None },
-            resource: Some(serde_json::json!({"resourceType": "Patient"})),
+            resource: Some(Value::from(serde_json::json!({"resourceType": "Patient"}))),
         };
         assert_eq!(candidate_id(&e), ("4b86befa-fa7e-9285-615f-e081dab3f93c".to_owned(), true));
     }

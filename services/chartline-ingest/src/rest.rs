@@ -265,7 +265,9 @@ async fn everything(ing: &Ingestor, id: &str) -> Response {
     let mut wanted = BTreeSet::new();
     for s in &compartment {
         if let Some(c) = &s.content {
-            for_each_reference(c, &mut |r| {
+            // Stored content comes back as serde_json's tree; the walk reads ours (a copy,
+            // off the ingest path).
+            for_each_reference(&chartline_fhir::Json::from(c), &mut |r| {
                 if let Reference::Literal { resource_type, id, absolute: false, .. } = parse_reference(r) {
                     let key = (resource_type.to_owned(), id.to_owned());
                     if !have.contains(&key) {

@@ -1,5 +1,5 @@
 //! CPU time of each Rust-side ingest phase over the Synthea fixtures, one thread, no
-//! database (BENCHMARKS.md, "Ingest": where the time goes). `cargo run --release --example
+//! database, with serde_json's own parse and drop of its `Value` for comparison (BENCHMARKS.md, "Ingest": where the time goes). `cargo run --release --example
 //! ingest_phases -p chartline [FOLDER]`.
 use std::time::Instant;
 
@@ -12,13 +12,19 @@ fn main() {
     let bodies: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
     let limits = chartline_fhir::Limits::default();
     for round in 0..3 {
-        let mut t = [0f64; 9];
-        let names = ["serde_json::from_slice", "validate(all)", "typed", "canonical+hash", "events", "refs", "stored text", "patient_of", "parse_json"];
+        let mut t = [0f64; 11];
+        let names = [
+            "serde_json::from_slice", "validate(all)", "typed", "canonical+hash", "events", "refs", "stored text", "patient_of", "parse_json",
+            "drop (parse_json's)", "drop (serde_json's)",
+        ];
         for b in &bodies {
             let s = Instant::now();
             // serde_json's own parse into its tree, for comparison with parse_json.
-            std::hint::black_box(serde_json::from_slice::<serde_json::Value>(b).unwrap());
+            let theirs = std::hint::black_box(serde_json::from_slice::<serde_json::Value>(b).unwrap());
             t[0] += s.elapsed().as_secs_f64();
+            let s = Instant::now();
+            drop(theirs);
+            t[10] += s.elapsed().as_secs_f64();
             let s = Instant::now();
             // What ingest runs: one UTF-8 check, the parse with the nesting bound enforced.
             let v = chartline_fhir::parse_json(b, &limits).unwrap();
@@ -26,7 +32,7 @@ fn main() {
             let s = Instant::now();
             chartline_fhir::validate_resource(&v, &limits).unwrap();
             t[1] += s.elapsed().as_secs_f64();
-            let entries: Vec<&serde_json::Value> = v["entry"].as_array().unwrap().iter().map(|e| &e["resource"]).collect();
+            let entries: Vec<&chartline_fhir::Json> = v["entry"].as_array().unwrap().iter().map(|e| &e["resource"]).collect();
             let s = Instant::now();
             for r in &entries {
                 let _ = std::hint::black_box(chartline_fhir::typed_check(r));
@@ -57,6 +63,10 @@ fn main() {
                 std::hint::black_box(chartline_fhir::patient_of(r));
             }
             t[7] += s.elapsed().as_secs_f64();
+            drop(entries);
+            let s = Instant::now();
+            drop(v);
+            t[9] += s.elapsed().as_secs_f64();
         }
         if round == 2 {
             for (n, x) in names.iter().zip(t) {
