@@ -19,11 +19,20 @@ pub struct Limits {
     /// Reject strings that hold HTML tags (the reference validator's `security-checks`).
     /// Off by default: clinical free text legitimately contains `<`.
     pub reject_html_in_strings: bool,
+    /// Threads that validate the entries of one large Bundle together; 0 (the default):
+    /// as many as the machine has cores. Not a bound on input: a setting of the work.
+    pub validation_threads: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_bytes: 64 * 1024 * 1024, max_depth: 64, max_string_bytes: 1024 * 1024, reject_html_in_strings: false }
+        Limits {
+            max_bytes: 64 * 1024 * 1024,
+            max_depth: 64,
+            max_string_bytes: 1024 * 1024,
+            reject_html_in_strings: false,
+            validation_threads: 0,
+        }
     }
 }
 

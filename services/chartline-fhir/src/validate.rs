@@ -324,8 +324,10 @@ fn check_bundle(obj: &Object, limits: &Limits, issues: &mut Vec<Issue>) {
     if bundle_type == "document" {
         check_document_references(entries, issues);
     }
+    let mut verdicts = validate_entries(entries, limits).into_iter();
     let mut seen = HashSet::new();
     for (i, e) in entries.iter().enumerate() {
+        let verdict = verdicts.next().flatten();
         let prefix = format!("Bundle.entry[{i}]");
         let Some(eo) = e.as_object() else {
             issues.push(Issue::error(IssueCode::Structure, "a Bundle entry must be a JSON object").at(&prefix));
@@ -352,8 +354,8 @@ fn check_bundle(obj: &Object, limits: &Limits, issues: &mut Vec<Issue>) {
                 issues.push(Issue::error(IssueCode::Invalid, "search results must have ids").at(format!("{prefix}.resource")));
             }
         }
-        match eo.get("resource") {
-            Some(r) => match validate_resource(r, limits) {
+        match eo.get("resource").zip(verdict) {
+            Some((r, verdict)) => match verdict {
                 Ok(rty) => {
                     let rid = r.get("id").and_then(Value::as_str);
                     if let (Some(u), Some(id)) = (full_url, rid) {
@@ -384,6 +386,56 @@ fn check_bundle(obj: &Object, limits: &Limits, issues: &mut Vec<Issue>) {
             }
         }
     }
+}
+
+/// Bundles with at least this many entries have them validated on several threads.
+const PARALLEL_MIN_ENTRIES: usize = 32;
+
+/// Entries validated together, by this many per claim.
+const ENTRIES_PER_CLAIM: usize = 8;
+
+/// The verdict on each entry's resource, in entry order (None for an entry without one). A
+/// large Bundle's entries are validated on as many threads as the machine has cores (or
+/// [`Limits::validation_threads`]), the caller's among them: a Bundle is one request, and
+/// its answer waits for all of them, while the other requests of a busy server may be waiting on the database and leave a
+/// core idle. Threads claim the next few entries as they go, so a few large resources do not
+/// hold one thread back; the verdicts are the same as one thread's, in the same order.
+fn validate_entries<'a>(entries: &'a [Value], limits: &Limits) -> Vec<Option<Result<&'a str, FhirError>>> {
+    let one = |e: &'a Value| e.get("resource").map(|r| validate_resource(r, limits));
+    let cores = match limits.validation_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let threads = cores.min(entries.len() / PARALLEL_MIN_ENTRIES);
+    if threads <= 1 {
+        return entries.iter().map(one).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let start = next.fetch_add(ENTRIES_PER_CLAIM, std::sync::atomic::Ordering::Relaxed);
+            if start >= entries.len() {
+                return done;
+            }
+            let end = (start + ENTRIES_PER_CLAIM).min(entries.len());
+            done.push((start, entries[start..end].iter().map(one).collect::<Vec<_>>()));
+        }
+    };
+    let mut claims = std::thread::scope(|scope| {
+        let others: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+        let mut claims = work();
+        for t in others {
+            match t.join() {
+                Ok(c) => claims.extend(c),
+                // A panic in validation is a bug; it surfaces as it would on one thread.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        claims
+    });
+    claims.sort_unstable_by_key(|(start, _)| *start);
+    claims.into_iter().flat_map(|(_, verdicts)| verdicts).collect()
 }
 
 /// In a `document` Bundle every reference from a Composition section must resolve to
@@ -607,5 +659,34 @@ mod tests {
             {"fullUrl": "urn:uuid:6f1e0c1e-1b0a-4c4f-9a55-000000000001", "resource": p},
             {"fullUrl": "urn:uuid:6f1e0c1e-1b0a-4c4f-9a55-000000000001", "resource": p}]});
         assert_eq!(check(v).unwrap_err().code(), IssueCode::Duplicate);
+    }
+
+    #[test]
+    fn a_large_bundle_gets_the_same_verdict_on_several_threads_as_on_one() {
+        // 200 entries, every seventh resource invalid (an empty string or an unknown element,
+        // alternately), one entry not an object: the issues, their order and their
+        // locations must not depend on threads.
+        let entries: Vec<serde_json::Value> = (0..200)
+            .map(|i| match i % 7 {
+                0 if i % 2 == 0 => json!({"fullUrl": format!("urn:uuid:6f1e0c1e-1b0a-4c4f-9a55-{i:012}"), "resource": {"resourceType": "Patient", "gender": ""}}),
+                0 => json!({"fullUrl": format!("urn:uuid:6f1e0c1e-1b0a-4c4f-9a55-{i:012}"), "resource": {"resourceType": "Patient", "unknownThing": true}}),
+                _ if i == 101 => json!("not an entry"),
+                _ => json!({"fullUrl": format!("urn:uuid:6f1e0c1e-1b0a-4c4f-9a55-{i:012}"), "resource": {"resourceType": "Patient", "id": format!("p{i}"), "active": true}}),
+            })
+            .collect();
+        let bundle = Value::from(json!({"resourceType": "Bundle", "type": "collection", "entry": entries}));
+        let on = |threads| validate_resource(&bundle, &Limits { validation_threads: threads, ..Limits::default() }).unwrap_err();
+        let one = on(1);
+        assert_eq!(one.issues.len(), 15 + 14 + 1, "{:?}", one.issues);
+        let located: Vec<_> = one.issues.iter().map(|i| i.expression.clone().unwrap_or_default()).collect();
+        assert_eq!(located[0], "Bundle.entry[0].resource.gender");
+        assert!(located.contains(&"Bundle.entry[101]".to_owned()), "{located:?}");
+        for threads in [2, 3, 8] {
+            assert_eq!(on(threads), one, "{threads} threads");
+        }
+        let valid = Value::from(json!({"resourceType": "Bundle", "type": "collection", "entry": (0..100)
+            .map(|i| json!({"resource": {"resourceType": "Patient", "id": format!("p{i}")}}))
+            .collect::<Vec<_>>()}));
+        assert_eq!(validate_resource(&valid, &Limits { validation_threads: 4, ..Limits::default() }), Ok("Bundle"));
     }
 }
