@@ -91,6 +91,10 @@ pub struct LimitArgs {
     /// Reject strings holding HTML tags (the reference validator's security checks).
     #[arg(long, env = "CHARTLINE_REJECT_HTML_IN_STRINGS")]
     pub reject_html_in_strings: bool,
+    /// Threads that validate the entries of one large Bundle (32 entries or more)
+    /// together; 0: as many as the machine has cores.
+    #[arg(long, env = "CHARTLINE_VALIDATION_THREADS", default_value_t = 0)]
+    pub validation_threads: usize,
 }
 
 impl LimitArgs {
@@ -100,6 +104,7 @@ impl LimitArgs {
             max_bytes: self.max_payload_bytes,
             max_depth: self.max_json_depth,
             reject_html_in_strings: self.reject_html_in_strings,
+            validation_threads: self.validation_threads,
             ..chartline_fhir::Limits::default()
         }
     }
@@ -279,6 +284,19 @@ pub struct BenchIngestArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limit_flags_reach_the_validators_limits() {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            limits: LimitArgs,
+        }
+        let defaults = Cli::parse_from(["chartline"]).limits.limits();
+        assert_eq!((defaults.max_depth, defaults.validation_threads), (64, 0));
+        let set = Cli::parse_from(["chartline", "--max-json-depth", "20", "--validation-threads", "1"]).limits.limits();
+        assert_eq!((set.max_depth, set.validation_threads), (20, 1));
+    }
 
     #[test]
     fn passwords_never_reach_the_log() {
