@@ -323,16 +323,9 @@ pub(crate) fn parse_fhir_time(s: &str) -> Option<DateTime<Utc>> {
 mod tests {
     use super::*;
 
-    /// `json!`, as a [`crate::Json`].
-    macro_rules! json {
-        ($($t:tt)*) => {
-            crate::Json::from(serde_json::json!($($t)*))
-        };
-    }
-
     #[test]
     fn blood_pressure_components_become_rows_of_their_own() {
-        let obs = json!({
+        let obs = tree!({
             "resourceType": "Observation", "status": "final",
             "category": [{"coding": [{"code": "vital-signs"}]}],
             "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9", "display": "Blood pressure panel"}]},
@@ -362,6 +355,6 @@ mod tests {
 
     #[test]
     fn unshown_types_have_no_events() {
-        assert!(extract_events(&json!({"resourceType": "Claim"})).is_empty());
+        assert!(extract_events(&tree!({"resourceType": "Claim"})).is_empty());
     }
 }

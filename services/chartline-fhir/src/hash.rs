@@ -192,18 +192,11 @@ fn write_json<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, v: &T) {
 mod tests {
     use super::*;
 
-    /// `json!`, as a [`crate::Json`].
-    macro_rules! json {
-        ($($t:tt)*) => {
-            crate::Json::from(serde_json::json!($($t)*))
-        };
-    }
-
     #[test]
     fn server_managed_meta_does_not_change_the_hash() {
-        let a = json!({"resourceType": "Patient", "id": "p", "meta": {"versionId": "1", "lastUpdated": "2020-01-01T00:00:00Z"}});
-        let b = json!({"resourceType": "Patient", "id": "p", "meta": {"versionId": "7"}});
-        let c = json!({"id": "p", "resourceType": "Patient"});
+        let a = tree!({"resourceType": "Patient", "id": "p", "meta": {"versionId": "1", "lastUpdated": "2020-01-01T00:00:00Z"}});
+        let b = tree!({"resourceType": "Patient", "id": "p", "meta": {"versionId": "7"}});
+        let c = tree!({"id": "p", "resourceType": "Patient"});
         assert_eq!(content_sha256(&a), content_sha256(&b));
         assert_eq!(content_sha256(&a), content_sha256(&c), "key order must not matter");
     }
@@ -211,7 +204,7 @@ mod tests {
     #[test]
     fn the_canonical_form_is_sorted_compact_json_without_server_meta() {
         // Stored hashes must stay comparable across releases: pin the exact bytes hashed.
-        let v = json!({"resourceType": "Patient", "meta": {"versionId": "3", "profile": ["x"]}, "id": "p",
+        let v = tree!({"resourceType": "Patient", "meta": {"versionId": "3", "profile": ["x"]}, "id": "p",
                        "name": [{"given": ["Zoë", "A\"B"]}], "b": 1.5, "a": null});
         let canonical = r#"{"a":null,"b":1.5,"id":"p","meta":{"profile":["x"]},"name":[{"given":["Zoë","A\"B"]}],"resourceType":"Patient"}"#;
         assert_eq!(content_sha256(&v), <[u8; 32]>::from(Sha256::digest(canonical.as_bytes())));
@@ -232,25 +225,25 @@ mod tests {
     #[test]
     fn stored_text_is_the_resource_serialized_with_server_meta() {
         let cases = [
-            json!({"resourceType": "Patient", "id": "p"}),
-            json!({"resourceType": "Patient", "id": "p", "meta": {"versionId": "9", "lastUpdated": "2001-01-01T00:00:00Z"}}),
-            json!({"resourceType": "Patient", "id": "p", "meta": {"profile": ["x"]}}),
-            json!({"resourceType": "Patient", "id": "p", "meta": {"extension": [{"url": "u", "valueString": "v"}]}}),
-            json!({"resourceType": "Patient", "id": "p", "meta": {"tag": [{"code": "t"}], "id": "m", "versionId": "2"}}),
-            json!({"resourceType": "Patient", "id": "p", "meta": {"source": "s", "extension": [{"url": "u", "valueCode": "c"}], "zz": 1}}),
-            json!({"resourceType": "Patient", "id": "p", "meta": {"zz": 1}}),
-            json!({"resourceType": "Patient", "id": "p", "meta": {"aa": 1}}),
-            json!({"a": 1, "resourceType": "Patient", "zzz": {"meta": 1}}),
-            json!({"meta": {"profile": ["x"]}}),
-            json!({"meta": {}}),
-            json!({"meta": {"versionId": "1"}}),
-            json!({"a": 1, "meta": {"lastUpdated": "x"}}),
-            json!({"meta": {"versionId": "1"}, "z": 1}),
-            json!({"z": 1}),
-            json!({"a": 1}),
-            json!({}),
-            json!({"resourceType": "Patient", "meta": "not an object"}),
-            json!({"resourceType": "Patient", "name": [{"text": "Zoë \"quoted\" \u{1}"}]}),
+            tree!({"resourceType": "Patient", "id": "p"}),
+            tree!({"resourceType": "Patient", "id": "p", "meta": {"versionId": "9", "lastUpdated": "2001-01-01T00:00:00Z"}}),
+            tree!({"resourceType": "Patient", "id": "p", "meta": {"profile": ["x"]}}),
+            tree!({"resourceType": "Patient", "id": "p", "meta": {"extension": [{"url": "u", "valueString": "v"}]}}),
+            tree!({"resourceType": "Patient", "id": "p", "meta": {"tag": [{"code": "t"}], "id": "m", "versionId": "2"}}),
+            tree!({"resourceType": "Patient", "id": "p", "meta": {"source": "s", "extension": [{"url": "u", "valueCode": "c"}], "zz": 1}}),
+            tree!({"resourceType": "Patient", "id": "p", "meta": {"zz": 1}}),
+            tree!({"resourceType": "Patient", "id": "p", "meta": {"aa": 1}}),
+            tree!({"a": 1, "resourceType": "Patient", "zzz": {"meta": 1}}),
+            tree!({"meta": {"profile": ["x"]}}),
+            tree!({"meta": {}}),
+            tree!({"meta": {"versionId": "1"}}),
+            tree!({"a": 1, "meta": {"lastUpdated": "x"}}),
+            tree!({"meta": {"versionId": "1"}, "z": 1}),
+            tree!({"z": 1}),
+            tree!({"a": 1}),
+            tree!({}),
+            tree!({"resourceType": "Patient", "meta": "not an object"}),
+            tree!({"resourceType": "Patient", "name": [{"text": "Zoë \"quoted\" \u{1}"}]}),
         ];
         for v in &cases {
             let c = CanonicalJson::of(v);
@@ -280,9 +273,9 @@ mod tests {
 
     #[test]
     fn any_content_change_changes_the_hash() {
-        let a = json!({"resourceType": "Patient", "id": "p", "gender": "male"});
-        let b = json!({"resourceType": "Patient", "id": "p", "gender": "female"});
-        let c = json!({"resourceType": "Patient", "id": "p", "gender": "male", "meta": {"profile": ["x"]}});
+        let a = tree!({"resourceType": "Patient", "id": "p", "gender": "male"});
+        let b = tree!({"resourceType": "Patient", "id": "p", "gender": "female"});
+        let c = tree!({"resourceType": "Patient", "id": "p", "gender": "male", "meta": {"profile": ["x"]}});
         assert_ne!(content_sha256(&a), content_sha256(&b));
         assert_ne!(content_sha256(&a), content_sha256(&c), "meta other than version/time is content");
     }

@@ -2,9 +2,8 @@
 
 use serde::de::DeserializeSeed as _;
 
-use crate::tree::{Json, Stacks, TreeSeed};
-
 use crate::error::{FhirError, IssueCode};
+use crate::tree::{Json, Stacks, TreeSeed};
 
 /// Bounds on what a client may send.
 #[derive(Debug, Clone, Copy)]
@@ -38,9 +37,9 @@ impl Default for Limits {
 
 /// Parses one JSON document within `limits`. Errors say where (line, column), not what.
 ///
-/// The tree is a [`Json`]. The nesting bound is enforced while the tree is built: the parser stops at the first
-/// object or array past `max_depth` levels, before recursing into it. The text is checked
-/// as UTF-8 once, up front, instead of string by string.
+/// The tree is a [`Json`]. The nesting bound is enforced while the tree is built: the
+/// parser stops at the first object or array past `max_depth` levels, before recursing into
+/// it. The text is checked as UTF-8 once, up front, instead of string by string.
 pub fn parse_json(bytes: &[u8], limits: &Limits) -> Result<Json, FhirError> {
     if bytes.len() > limits.max_bytes {
         return Err(FhirError::new(

@@ -5,6 +5,15 @@
 //! Everything takes a [`Json`] tree (objects as key-sorted slices, see `tree`): the bytes a
 //! client sent are parsed once, at the edge, and every later step works on that tree.
 
+/// `serde_json::json!` as a [`Json`], for this crate's tests (defined before the modules
+/// that use it).
+#[cfg(test)]
+macro_rules! tree {
+    ($($t:tt)*) => {
+        crate::Json::from(serde_json::json!($($t)*))
+    };
+}
+
 mod error;
 mod events;
 mod hash;

@@ -194,11 +194,11 @@ mod tests {
 
     #[test]
     fn every_nested_reference_is_visited_and_rewritable() {
-        let mut v = crate::Json::from(serde_json::json!({
+        let mut v = tree!({
             "resourceType": "Encounter",
             "subject": {"reference": "urn:uuid:1"},
             "participant": [{"individual": {"reference": "urn:uuid:2"}}]
-        }));
+        });
         let mut seen = vec![];
         for_each_link_mut::<()>(&mut v, &mut |kind, path, r| {
             seen.push((kind, path.render()));

@@ -1,8 +1,8 @@
 //! Comparing the typed model's serialization with the JSON it was parsed from, without
-//! building the serialized tree: a `serde::Serializer` that walks the original `Value`
-//! alongside the typed model's output (a [`crate::Json`]). Same rules as `first_difference` on the two trees
-//! (which the tests keep as the reference): every element sent must come back with an
-//! equal value; elements the model adds are ignored.
+//! building the serialized tree: a `serde::Serializer` that walks the original tree (a
+//! [`crate::Json`]) alongside the typed model's output. Same rules as `first_difference` on
+//! two serialized trees (which the tests keep as the reference): every element sent must
+//! come back with an equal value; elements the model adds are ignored.
 
 use std::fmt::{self, Write as _};
 
@@ -325,7 +325,6 @@ impl Obj<'_, '_> {
 struct Seen {
     inline: u64,
     more: Vec<usize>,
-    len: usize,
 }
 
 impl Seen {
@@ -339,7 +338,6 @@ impl Seen {
         } else {
             self.more.push(pos);
         }
-        self.len += 1;
         true
     }
 
@@ -348,7 +346,7 @@ impl Seen {
     }
 
     fn len(&self) -> usize {
-        self.len
+        self.inline.count_ones() as usize + self.more.len()
     }
 }
 

@@ -6,10 +6,10 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use base64::Engine;
-use crate::tree::{Json as Value, Object};
 
 use crate::error::{FhirError, Issue, IssueCode};
 use crate::json::Limits;
+use crate::tree::{Json as Value, Object};
 use crate::typed::{TypedCheck, typed_check};
 
 /// FHIR `id`: 1–64 of `[A-Za-z0-9\-\.]`.
@@ -397,8 +397,8 @@ const ENTRIES_PER_CLAIM: usize = 8;
 /// The verdict on each entry's resource, in entry order (None for an entry without one). A
 /// large Bundle's entries are validated on as many threads as the machine has cores (or
 /// [`Limits::validation_threads`]), the caller's among them: a Bundle is one request, and
-/// its answer waits for all of them, while the other requests of a busy server may be waiting on the database and leave a
-/// core idle. Threads claim the next few entries as they go, so a few large resources do not
+/// its answer waits for all of them, while the other requests of a busy server may be
+/// waiting on the database and leave a core idle. Threads claim the next few entries as they go, so a few large resources do not
 /// hold one thread back; the verdicts are the same as one thread's, in the same order.
 fn validate_entries<'a>(entries: &'a [Value], limits: &Limits) -> Vec<Option<Result<&'a str, FhirError>>> {
     let one = |e: &'a Value| e.get("resource").map(|r| validate_resource(r, limits));

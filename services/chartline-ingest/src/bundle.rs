@@ -2,9 +2,8 @@
 
 use std::collections::HashMap;
 
-use chartline_fhir::{FhirError, IssueCode, parse_json, validate_resource};
+use chartline_fhir::{FhirError, IssueCode, Json, parse_json, validate_resource};
 use chartline_store::IngestRecord;
-use chartline_fhir::Json;
 use serde_json::{Value, json};
 
 use crate::prepare::{Entry, EntryResult, Method, Policy, apply, independent};
